@@ -1,0 +1,333 @@
+"""Configuration: a frozen Settings object built from the environment, fail-closed.
+
+`load_settings(environ)` returns Settings or raises ConfigError listing every problem at once.
+Problems name the variable, never its value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .addresses import Address, AddressError, parse_address
+from .errors import EnclaveError
+
+ENVIRONMENTS = ("local", "test", "staging", "production")
+STRICT_ENVIRONMENTS = ("staging", "production")
+MODES = ("dev-shim", "remote", "disabled")
+LOCAL_DEFAULT_RPC_SECRET = "local-dev-enclave-rpc-secret"
+MIN_RPC_SECRET_BYTES = 32  # production shared secret: at least 256 bits
+DEFAULT_SKEW_SECONDS = 30
+MIN_SKEW_SECONDS, MAX_SKEW_SECONDS = 1, 300
+DEFAULT_SECRETS_TIMEOUT_SECONDS = 5.0
+MAX_SECRETS_TIMEOUT_SECONDS = 600.0  # a start-up window longer than 10 min is a mistake
+SEALING_KEY_BYTES = 32  # AES-256
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+GOOGLE_REVOKE_URL = "https://oauth2.googleapis.com/revoke"
+DEFAULT_WATERMARK_PATH = "/v1/watermark"
+MAX_DOTENV_BYTES = 1024 * 1024  # a .env file larger than 1 MiB is not a .env file
+NSM_DEVICE = "/dev/nsm"
+
+# Variables whose values are secrets: never printed, only "<set>".
+SECRET_FIELDS = frozenset({
+    "signing_private_key_pem", "rpc_shared_secret", "mtls_client_cert_json",
+    "google_client_secret", "token_sealing_key", "attestation_document_b64",
+})
+
+
+class ConfigError(EnclaveError):
+    """One or more configuration problems; `problems` lists each, naming the variable."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = "local"
+    mode: str = "dev-shim"
+    base_url: str = "http://127.0.0.1:8181"
+    http_listen: Address = field(default_factory=lambda: parse_address("tcp:127.0.0.1:8181"))
+    secrets_listen: Address = field(default_factory=lambda: parse_address("tcp:127.0.0.1:7777"))
+    secrets_allowed_peers: tuple[str, ...] = ("vsock:3", "127.0.0.1")
+    secrets_initial_timeout_s: float = DEFAULT_SECRETS_TIMEOUT_SECONDS
+    certs_dir: Path = Path(".local/certs")
+    state_dir: Path = Path(".local")
+    attestation_required: bool = False
+    allow_insecure_dev_attestation: bool = True
+    signing_private_key_pem: bytes | None = None
+    attestation_document_path: str | None = None
+    attestation_document_b64: str | None = None
+    rpc_shared_secret: str = LOCAL_DEFAULT_RPC_SECRET
+    rpc_max_skew_s: int = DEFAULT_SKEW_SECONDS
+    mtls_client_cert_json: str | None = None
+    ecs_watermark_endpoint: str | None = None
+    ecs_watermark_path: str = DEFAULT_WATERMARK_PATH
+    google_client_id: str | None = None
+    google_client_secret: str | None = None
+    google_token_url: str = GOOGLE_TOKEN_URL
+    google_revoke_url: str = GOOGLE_REVOKE_URL
+    outbound_ca_file: str | None = None
+    token_sealing_key: bytes | None = None  # None: generated per boot (local/test only)
+    egress_routes: str | None = None  # parsed by enclave.egress
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @property
+    def strict(self) -> bool:
+        return self.env in STRICT_ENVIRONMENTS
+
+    def redacted(self) -> dict:
+        """The effective configuration for display: secret values replaced by `<set>`."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value is not None:
+                value = "<set>"
+            elif isinstance(value, (Address, Path)):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
+    """Parse a `.env` file: KEY=VALUE lines, `#` comments, optional `export`, simple quotes."""
+    data = Path(path).read_bytes()[:MAX_DOTENV_BYTES].decode("utf-8")
+    values = {}
+    for line in data.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+class _Reader:
+    """Reads variables and collects problems instead of stopping at the first one."""
+
+    def __init__(self, environ: dict[str, str]):
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        return None if value is None or value == "" else value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value not in choices:
+            self.problems.append(f"{name} must be one of {', '.join(choices)}")
+            return default
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value in ("true", "1"):
+            return True
+        if value in ("false", "0"):
+            return False
+        self.problems.append(f"{name} must be true, false, 1 or 0")
+        return default
+
+    def number(self, name: str, default, low, high, kind=int):
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = kind(value)
+        except ValueError:
+            self.problems.append(f"{name} must be a number")
+            return default
+        if not low <= number <= high:
+            self.problems.append(f"{name} must be between {low} and {high}")
+            return default
+        return number
+
+    def address(self, name: str, default: str) -> Address:
+        value = self.raw(name) or default
+        try:
+            return parse_address(value, name)
+        except AddressError as exc:
+            self.problems.append(f"{name}: {exc}".replace(f"{name}: {name}: ", f"{name}: "))
+            return parse_address(default)
+
+    def url(self, name: str, default: str | None, schemes=("https",)) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            return default
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname:
+            self.problems.append(f"{name} must be a {' or '.join(schemes)} URL with a host")
+            return default
+        return value
+
+
+def _listen_from_base_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+def _signing_key(reader: _Reader) -> bytes | None:
+    value = reader.raw("TEE_ATTESTATION_SIGNING_PRIVATE_KEY")
+    if value is None:
+        return None
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_bytes()
+        except OSError as exc:
+            reader.problems.append(
+                f"TEE_ATTESTATION_SIGNING_PRIVATE_KEY: cannot read key file ({exc.strerror})")
+            return None
+    return value.replace("\\n", "\n").encode("utf-8")
+
+
+def _sealing_key(reader: _Reader) -> bytes | None:
+    value = reader.raw("ENCLAVE_TOKEN_SEALING_KEY")
+    if value is None:
+        return None
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        reader.problems.append("ENCLAVE_TOKEN_SEALING_KEY must be base64")
+        return None
+    if len(key) != SEALING_KEY_BYTES:
+        reader.problems.append(f"ENCLAVE_TOKEN_SEALING_KEY must decode to {SEALING_KEY_BYTES} bytes")
+        return None
+    return key
+
+
+def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = None) -> Settings:
+    """Build Settings from `environ` (default os.environ) over an optional `.env` file."""
+    merged: dict[str, str] = {}
+    if dotenv is not None:
+        try:
+            merged.update(read_dotenv(dotenv))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"ENCLAVE_DOTENV: cannot read {dotenv} ({exc})"]) from None
+    merged.update(os.environ if environ is None else environ)
+    r = _Reader(merged)
+
+    env = r.choice("ALFRED_ENV", ENVIRONMENTS, "local")
+    strict = env in STRICT_ENVIRONMENTS
+    local = env == "local"
+    mode = r.choice("ENCLAVE_RUNTIME_MODE", MODES, "dev-shim" if not strict else "remote")
+    base_url = r.url("ENCLAVE_RUNTIME_BASE_URL", "http://127.0.0.1:8181", ("http", "https"))
+    http_listen = r.address("ENCLAVE_HTTP_LISTEN", _listen_from_base_url(base_url))
+    secrets_listen = r.address("ENCLAVE_SECRETS_LISTEN",
+                               "tcp:127.0.0.1:7777" if local else "vsock:ANY:7777")
+    peers_raw = r.raw("ENCLAVE_SECRETS_ALLOWED_PEERS")
+    peers = tuple(p.strip() for p in (peers_raw or "vsock:3,127.0.0.1").split(",") if p.strip())
+    for peer in peers:
+        if not (peer.startswith("vsock:") and peer[6:].isdigit()) and not _is_ip(peer):
+            r.problems.append("ENCLAVE_SECRETS_ALLOWED_PEERS entries must be vsock:CID or an IP")
+            break
+    timeout = r.number("ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS", DEFAULT_SECRETS_TIMEOUT_SECONDS,
+                       0.0, MAX_SECRETS_TIMEOUT_SECONDS, float)
+    certs_dir = Path(r.raw("ENCLAVE_CERTS_DIR") or (".local/certs" if local else "/opt/enclave/certs"))
+    state_dir = Path(r.raw("ENCLAVE_STATE_DIR") or (".local" if local else "/opt/enclave/state"))
+    required = r.boolean("TEE_ATTESTATION_REQUIRED", False)
+    allow_insecure = r.boolean("TEE_ALLOW_INSECURE_DEV_ATTESTATION", local)
+    signing_key = _signing_key(r)
+    doc_path = r.raw("TEE_ATTESTATION_DOCUMENT_PATH")
+    doc_b64 = r.raw("TEE_ATTESTATION_DOCUMENT")
+    secret = r.raw("ENCLAVE_RPC_SHARED_SECRET")
+    skew = r.number("ENCLAVE_RPC_AUTH_MAX_SKEW_SECONDS", DEFAULT_SKEW_SECONDS,
+                    MIN_SKEW_SECONDS, MAX_SKEW_SECONDS)
+    endpoint = r.url("ECS_WATERMARK_ENDPOINT", None)
+    wm_path = r.raw("ECS_WATERMARK_PATH") or DEFAULT_WATERMARK_PATH
+    if not wm_path.startswith("/"):
+        r.problems.append("ECS_WATERMARK_PATH must start with /")
+        wm_path = DEFAULT_WATERMARK_PATH
+    token_url = r.url("GOOGLE_OAUTH_TOKEN_URL", GOOGLE_TOKEN_URL)
+    revoke_url = r.url("GOOGLE_OAUTH_REVOKE_URL", GOOGLE_REVOKE_URL)
+    ca_file = r.raw("ENCLAVE_OUTBOUND_CA_FILE")
+    sealing_key = _sealing_key(r)
+    log_format = r.choice("ENCLAVE_LOG_FORMAT", ("text", "json"), "text")
+    log_level = r.choice("ENCLAVE_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+
+    if doc_path and doc_b64:
+        r.problems.append("set only one of TEE_ATTESTATION_DOCUMENT_PATH and TEE_ATTESTATION_DOCUMENT")
+    if mode == "dev-shim":
+        if not allow_insecure:
+            r.problems.append("ENCLAVE_RUNTIME_MODE=dev-shim requires TEE_ALLOW_INSECURE_DEV_ATTESTATION=true")
+        if required:
+            r.problems.append("ENCLAVE_RUNTIME_MODE=dev-shim requires TEE_ATTESTATION_REQUIRED=false")
+    if mode == "remote" and not (doc_path or doc_b64):
+        r.problems.append("ENCLAVE_RUNTIME_MODE=remote requires TEE_ATTESTATION_DOCUMENT_PATH "
+                          "or TEE_ATTESTATION_DOCUMENT")
+    if strict:
+        if mode != "remote":
+            r.problems.append(f"ENCLAVE_RUNTIME_MODE must be remote when ALFRED_ENV={env}")
+        if not required:
+            r.problems.append(f"TEE_ATTESTATION_REQUIRED must be true when ALFRED_ENV={env}")
+        if allow_insecure:
+            r.problems.append(f"TEE_ALLOW_INSECURE_DEV_ATTESTATION must be false when ALFRED_ENV={env}")
+        if signing_key is None:
+            r.problems.append(f"TEE_ATTESTATION_SIGNING_PRIVATE_KEY must be set when ALFRED_ENV={env}")
+        if secret is None:
+            r.problems.append(f"ENCLAVE_RPC_SHARED_SECRET must be set when ALFRED_ENV={env}")
+        elif secret == LOCAL_DEFAULT_RPC_SECRET:
+            r.problems.append("ENCLAVE_RPC_SHARED_SECRET must not be the local default "
+                              f"when ALFRED_ENV={env}")
+        elif len(secret.encode("utf-8")) < MIN_RPC_SECRET_BYTES:
+            r.problems.append(f"ENCLAVE_RPC_SHARED_SECRET must be at least {MIN_RPC_SECRET_BYTES} "
+                              f"bytes when ALFRED_ENV={env}")
+        for name in ("GOOGLE_OAUTH_TOKEN_URL", "GOOGLE_OAUTH_REVOKE_URL", "ENCLAVE_OUTBOUND_CA_FILE"):
+            if r.raw(name) is not None:
+                r.problems.append(f"{name} may only be overridden when ALFRED_ENV is local or test")
+    elif secret is None and not local:
+        r.problems.append("ENCLAVE_RPC_SHARED_SECRET must be set unless ALFRED_ENV=local")
+    if secret == LOCAL_DEFAULT_RPC_SECRET and not local:
+        if not strict:
+            r.problems.append("ENCLAVE_RPC_SHARED_SECRET: the local default is accepted only "
+                              "when ALFRED_ENV=local")
+
+    if r.problems:
+        # de-duplicate, keep order
+        raise ConfigError(list(dict.fromkeys(r.problems)))
+    return Settings(
+        env=env, mode=mode, base_url=base_url, http_listen=http_listen,
+        secrets_listen=secrets_listen, secrets_allowed_peers=peers,
+        secrets_initial_timeout_s=timeout, certs_dir=certs_dir, state_dir=state_dir,
+        attestation_required=required, allow_insecure_dev_attestation=allow_insecure,
+        signing_private_key_pem=signing_key, attestation_document_path=doc_path,
+        attestation_document_b64=doc_b64,
+        rpc_shared_secret=secret if secret is not None else LOCAL_DEFAULT_RPC_SECRET,
+        rpc_max_skew_s=skew, mtls_client_cert_json=r.raw("MTLS_CLIENT_CERT_JSON"),
+        ecs_watermark_endpoint=endpoint, ecs_watermark_path=wm_path,
+        google_client_id=r.raw("GOOGLE_OAUTH_CLIENT_ID"),
+        google_client_secret=r.raw("GOOGLE_OAUTH_CLIENT_SECRET"),
+        google_token_url=token_url, google_revoke_url=revoke_url, outbound_ca_file=ca_file,
+        token_sealing_key=sealing_key, egress_routes=r.raw("ENCLAVE_EGRESS_ROUTES"),
+        log_format=log_format, log_level=log_level,
+    )
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
