@@ -231,7 +231,7 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
     env = r.choice("ALFRED_ENV", ENVIRONMENTS, "local")
     strict = env in STRICT_ENVIRONMENTS
     local = env == "local"
-    mode = r.choice("ENCLAVE_RUNTIME_MODE", MODES, "dev-shim" if not strict else "remote")
+    mode = r.choice("ENCLAVE_RUNTIME_MODE", MODES, "dev-shim")
     base_url = r.url("ENCLAVE_RUNTIME_BASE_URL", "http://127.0.0.1:8181", ("http", "https"))
     http_listen = r.address("ENCLAVE_HTTP_LISTEN", _listen_from_base_url(base_url))
     secrets_listen = r.address("ENCLAVE_SECRETS_LISTEN",
@@ -268,14 +268,14 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
 
     if doc_path and doc_b64:
         r.problems.append("set only one of TEE_ATTESTATION_DOCUMENT_PATH and TEE_ATTESTATION_DOCUMENT")
-    if mode == "dev-shim":
+    if mode == "dev-shim" and not strict:  # strict environments reject dev-shim outright
         if not allow_insecure:
             r.problems.append("ENCLAVE_RUNTIME_MODE=dev-shim requires TEE_ALLOW_INSECURE_DEV_ATTESTATION=true")
         if required:
             r.problems.append("ENCLAVE_RUNTIME_MODE=dev-shim requires TEE_ATTESTATION_REQUIRED=false")
-    if mode == "remote" and not (doc_path or doc_b64):
-        r.problems.append("ENCLAVE_RUNTIME_MODE=remote requires TEE_ATTESTATION_DOCUMENT_PATH "
-                          "or TEE_ATTESTATION_DOCUMENT")
+    if (mode == "remote" or strict) and not (doc_path or doc_b64):
+        r.problems.append("TEE_ATTESTATION_DOCUMENT_PATH or TEE_ATTESTATION_DOCUMENT must be set "
+                          + (f"when ALFRED_ENV={env}" if strict else "when ENCLAVE_RUNTIME_MODE=remote"))
     if strict:
         if mode != "remote":
             r.problems.append(f"ENCLAVE_RUNTIME_MODE must be remote when ALFRED_ENV={env}")
@@ -298,10 +298,9 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
                 r.problems.append(f"{name} may only be overridden when ALFRED_ENV is local or test")
     elif secret is None and not local:
         r.problems.append("ENCLAVE_RPC_SHARED_SECRET must be set unless ALFRED_ENV=local")
-    if secret == LOCAL_DEFAULT_RPC_SECRET and not local:
-        if not strict:
-            r.problems.append("ENCLAVE_RPC_SHARED_SECRET: the local default is accepted only "
-                              "when ALFRED_ENV=local")
+    if secret == LOCAL_DEFAULT_RPC_SECRET and not local and not strict:
+        r.problems.append("ENCLAVE_RPC_SHARED_SECRET: the local default is accepted only "
+                          "when ALFRED_ENV=local")
 
     if r.problems:
         # de-duplicate, keep order

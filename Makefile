@@ -1,0 +1,42 @@
+# Enclave runtime: venv, test, run, zipapp, smoke, bench, lint.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-requirements
+
+.PHONY: venv tools test run zipapp smoke bench lint clean
+
+# The venv is a real prerequisite: it is rebuilt when requirements.txt changes.
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# socat, openssl and curl are needed by the tests of the host scripts.
+tools:
+	@scripts/ensure-tools.sh
+
+test: $(STAMP) tools
+	$(PY) -m tests.run
+
+run: $(STAMP) tools
+	scripts/start-local.sh
+
+zipapp:
+	$(PYTHON) scripts/build_zipapp.py dist/enclave.pyz
+
+smoke:
+	scripts/smoke.sh
+
+bench: $(STAMP) tools zipapp
+	$(PY) -m bench.run
+
+lint: $(STAMP)
+	$(PY) -m compileall -q enclave tests bench scripts
+	bash -n scripts/*.sh
+
+clean:
+	rm -rf dist build bench/results.json
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,58 @@
+"""Command line: serve (default), check-config, verify, probe, sign, send-secrets.
+
+Exit codes are part of the contract: 0 success, 1 rejected or failed check, 2 usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+
+# command name -> module exposing HELP, add_arguments(parser) and run(args) -> int.
+# Modules are imported only when their command runs, to keep start-up fast.
+COMMANDS = {
+    "serve": ("enclave.service", "run the runtime (the default command)"),
+    "check-config": ("enclave.cmd_check_config", "validate the configuration, print it redacted"),
+    "verify": ("enclave.cmd_verify", "verify an attestation document (and evidence, responses)"),
+    "probe": ("enclave.probe", "fail-closed start-up probe of a running runtime"),
+    "sign": ("enclave.cmd_sign", "print X-Enclave-* headers that sign an RPC request"),
+    "send-secrets": ("enclave.cmd_send_secrets", "deliver a secrets JSON file to the listener"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 2, like argparse, but say so clearly
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    parser = _Parser(prog="enclave", description="Enclave runtime for AWS Nitro Enclaves.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == argv[0]:  # import only the command that runs
+            modules[name] = importlib.import_module(module_name)
+            modules[name].add_arguments(command)
+    args = parser.parse_args(argv)
+    if args.version:
+        from enclave import __version__
+        print(__version__)
+        return EXIT_OK
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return modules[args.command].run(args)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,372 @@
+"""The hardened HTTP/1.1 server: JSON answers, strict limits, one write per response.
+
+Built on socketserver and http.server. Limits: idle timeout per connection, a cap on
+concurrent connections (the one beyond answers 503 and is closed), body limits, and a
+graceful drain on shutdown. Handlers never leak tracebacks to clients.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
+
+from .addresses import Address
+from .errors import ApiError
+from .metrics import Metrics
+from .request import Request
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_SECONDS = 10.0  # a keep-alive connection silent this long is closed
+MAX_CONNECTIONS = 64  # concurrent connections; the 65th gets 503 and is closed
+MAX_BODY_BYTES = 64 * 1024  # default POST body limit
+MAX_REQUEST_LINE_BYTES = 8192  # longer request lines answer 414
+DRAIN_SECONDS = 5.0  # on shutdown, in-flight requests get this long to finish
+OVERFLOW_WRITE_SECONDS = 1.0  # how long the accept thread may spend telling a client "busy"
+LISTEN_BACKLOG = 128
+JSON_TYPE = "application/json"
+
+Handler = Callable[[Request], "tuple[int, dict]"]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    auth: bool = False
+    max_body: int = MAX_BODY_BYTES
+    raw: bool = False  # handler returns (status, content_type, bytes) instead of (status, dict)
+
+
+class Router:
+    def __init__(self):
+        self._routes: dict[str, dict[str, Route]] = {}
+
+    def add(self, method: str, path: str, handler: Handler, **kwargs) -> None:
+        self._routes.setdefault(path, {})[method] = Route(method, path, handler, **kwargs)
+
+    def match(self, method: str, path: str) -> tuple[Route | None, list[str]]:
+        """The route, or None and the allowed methods ([] for an unknown path)."""
+        by_method = self._routes.get(path)
+        if by_method is None:
+            return None, []
+        route = by_method.get(method)
+        return route, sorted(by_method)
+
+
+def _encode(status: int, body: bytes, content_type: str, close: bool,
+            extra: dict | None = None) -> bytes:
+    """Status line, headers and body as one buffer, so the response is one write."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "X-Content-Type-Options: nosniff",
+    ]
+    for name, value in (extra or {}).items():
+        lines.append(f"{name}: {value}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def json_bytes(value) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json_bytes({"error": {"code": code, "message": message}})
+
+
+BUSY_RESPONSE = _encode(503, error_body("too_many_connections", "server is at its connection limit"),
+                        JSON_TYPE, close=True)
+
+
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "enclave"
+    sys_version = ""
+    timeout = IDLE_TIMEOUT_SECONDS  # applied by StreamRequestHandler.setup
+    server: "HttpServer"
+
+    # -- responses ---------------------------------------------------------------
+    def _send(self, status: int, body: bytes, content_type: str = JSON_TYPE,
+              extra: dict | None = None) -> None:
+        self._status = status
+        self.wfile.write(_encode(status, body, content_type, self.close_connection, extra))
+
+    def send_json(self, status: int, value, extra: dict | None = None) -> None:
+        self._send(status, json_bytes(value), JSON_TYPE, extra)
+
+    def send_error(self, code, message=None, explain=None):  # used by parse_request
+        self.close_connection = True
+        reason = {400: "bad_request", 414: "request_line_too_long", 431: "headers_too_large",
+                  505: "http_version_not_supported", 501: "not_implemented"}.get(code, "bad_request")
+        self._send(code, error_body(reason, message or HTTPStatus(code).phrase))
+
+    def log_message(self, fmt, *args):  # route http.server's own messages into logging
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def address_string(self):
+        client = self.client_address
+        return str(client[0]) if isinstance(client, tuple) and client else "-"
+
+    # -- request loop ------------------------------------------------------------
+    def handle_one_request(self):
+        self._status = 0
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+        except (TimeoutError, OSError):
+            self.close_connection = True
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES:
+            self.requestline = ""
+            self.request_version = "HTTP/1.1"
+            self.command = ""
+            self.send_error(414, "request line too long")
+            return
+        try:
+            if not self.parse_request():
+                return
+        except (TimeoutError, OSError):
+            self.close_connection = True
+            return
+        if self.server.draining:
+            self.close_connection = True
+        self.server.request_started()
+        started = time.perf_counter()
+        label = "unmatched"
+        try:
+            label = self._dispatch()
+        except (TimeoutError, ConnectionError, BrokenPipeError):
+            self.close_connection = True
+        finally:
+            self.server.request_finished()
+            if self._status:
+                self.server.record(self.command, label, self._status, time.perf_counter() - started)
+
+    def _dispatch(self) -> str:
+        self._body_consumed = True
+        split = urlsplit(self.path)
+        route, allowed = self.server.router.match(self.command, split.path)
+        if route is None:
+            self._discard_body()
+            if not allowed:
+                self._send(404, error_body("not_found", "no such endpoint"))
+                return "unmatched"
+            self._send(405, error_body("method_not_allowed",
+                                       f"use {', '.join(allowed)} for this endpoint"),
+                       extra={"Allow": ", ".join(allowed)})
+            return split.path
+        try:
+            request = Request(self.command, self.path, split.path, parse_qs(split.query),
+                              self.headers, b"", self.client_address)
+            self._read_body(route, request)
+            status, *rest = route.handler(request)
+            if route.raw:
+                content_type, payload = rest
+                self._send(status, payload, content_type)
+            else:
+                self.send_json(status, rest[0])
+        except ApiError as exc:
+            if not self._body_consumed:  # unread body bytes would desync the stream
+                self.close_connection = True
+            self._send(exc.status, json_bytes(exc.body()), extra=exc.headers)
+        except (TimeoutError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("handler error on %s %s", self.command, route.path)
+            self.close_connection = True
+            self._send(500, error_body("internal_error", "internal error"))
+        return route.path
+
+    _body_consumed = True
+
+    def _discard_body(self) -> None:
+        """Keep the stream in sync: a body we do not read means the connection must close."""
+        if self.headers.get("Content-Length", "0") not in ("", "0") or \
+                self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+
+    def _read_body(self, route: Route, request: Request) -> None:
+        if route.method not in ("POST", "PUT", "PATCH"):
+            self._discard_body()
+            if route.auth:
+                self._authenticate(request)
+            return
+        self._body_consumed = False
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ApiError(501, "transfer_encoding_not_supported",
+                           "Transfer-Encoding is not supported; send Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise ApiError(411, "length_required", "Content-Length is required")
+        if len(lengths) > 1 or not lengths[0].strip().isdigit():
+            raise ApiError(400, "invalid_content_length", "Content-Length must be one number")
+        length = int(lengths[0])
+        if length > route.max_body:
+            raise ApiError(413, "body_too_large",
+                           f"body is {length} bytes; the limit is {route.max_body} bytes")
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != JSON_TYPE:
+            raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+        pending = self._precheck(request) if route.auth else None
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            self.close_connection = True
+            raise ConnectionError("client closed before sending the whole body")
+        self._body_consumed = True
+        request.body = body
+        if route.auth:
+            self._finish_auth(pending, request)
+
+    # -- authentication hooks (the authenticator is enclave.rpcauth's) ---------------
+    def _authenticate(self, request: Request) -> None:
+        self._finish_auth(self._precheck(request), request)
+
+    def _precheck(self, request: Request):
+        auth = self.server.authenticator
+        if auth is None:
+            raise ApiError(503, "auth_not_configured", "RPC authentication is not configured")
+        try:
+            return auth.precheck(request.method, request.target, self.headers, time.time())
+        except Exception as exc:
+            raise self.server.auth_error(exc) from None
+
+    def _finish_auth(self, pending, request: Request) -> None:
+        try:
+            self.server.authenticator.finish(pending, request.body, time.time())
+        except Exception as exc:
+            raise self.server.auth_error(exc) from None
+        request.authenticated = True
+
+
+class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """ThreadingHTTPServer with a connection cap, TCP_NODELAY, metrics and a graceful drain."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: Address, router: Router, *, metrics: Metrics | None = None,
+                 authenticator=None, auth_error: Callable[[Exception], ApiError] | None = None,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+                 handler_class=RequestHandler):
+        self.address_family = address.socket_family
+        self.router = router
+        self.metrics = metrics or Metrics()
+        self.authenticator = authenticator
+        self.auth_error = auth_error or (lambda exc: ApiError(401, "unauthorized",
+                                                              "request authentication failed"))
+        self.max_connections = max_connections
+        self.draining = False
+        self._lock = threading.Lock()
+        self._connections: set = set()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+        handler = type("BoundHandler", (handler_class,), {"timeout": idle_timeout})
+        self.metrics.describe("enclave_http_requests_total", "counter",
+                              "HTTP requests by method, route and status")
+        self.metrics.describe("enclave_http_request_seconds", "summary",
+                              "HTTP request handling time by route")
+        self.metrics.describe("enclave_http_connections_rejected_total", "counter",
+                              "connections refused at the connection cap")
+        self.metrics.gauge_fn("enclave_http_connections_open", lambda: len(self._connections))
+        super().__init__(address.sockaddr, handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    # -- connection cap --------------------------------------------------------------
+    def process_request(self, request, client_address):
+        with self._lock:
+            full = len(self._connections) >= self.max_connections or self.draining
+            if not full:
+                self._connections.add(request)
+        if full:
+            self.metrics.inc("enclave_http_connections_rejected_total")
+            try:
+                request.settimeout(OVERFLOW_WRITE_SECONDS)
+                request.sendall(BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        if self.address_family in (socket.AF_INET, socket.AF_INET6):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._connections.discard(request)
+
+    def handle_error(self, request, client_address):
+        log.exception("connection error")
+
+    # -- in-flight tracking and drain --------------------------------------------------
+    def request_started(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def request_finished(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.metrics.inc("enclave_http_requests_total",
+                         {"method": method, "route": route, "status": str(status)})
+        self.metrics.observe("enclave_http_request_seconds", seconds, {"route": route})
+
+    def drain(self, timeout: float = DRAIN_SECONDS) -> bool:
+        """Stop accepting, let in-flight requests finish (bounded), then close idle connections."""
+        self.draining = True
+        self.shutdown()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(max(0.0, deadline - time.monotonic()))
+            clean = self._in_flight == 0
+            leftovers = list(self._connections)
+        for conn in leftovers:  # idle keep-alive connections: wake their readers
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.server_close()
+        return clean
+
+    def serve_in_thread(self, name: str = "http") -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
+        thread.start()
+        return thread

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Build dist/enclave.pyz reproducibly: sorted entries, fixed timestamps and modes.
+
+Usage: python3 scripts/build_zipapp.py [OUTPUT]   (default dist/enclave.pyz)
+
+Timestamps come from SOURCE_DATE_EPOCH (default 1980-01-01, the zip format's epoch), so two
+builds of the same tree are byte-identical: the enclave's PCRs depend on it. The archive holds
+only the project's code; cryptography and cbor2 come from the image's site-packages.
+"""
+
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ZIP_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the earliest time a zip entry can hold
+SHEBANG = b"#!/usr/bin/env python3\n"
+FILE_MODE = 0o644
+INCLUDE_SUFFIXES = (".py", ".pem")
+MAIN = b'"""Zipapp entry point."""\nimport sys\n\nfrom enclave.cli import main\n\nsys.exit(main())\n'
+
+
+def source_files() -> list[Path]:
+    package = ROOT / "enclave"
+    files = [p for p in package.rglob("*") if p.is_file() and p.suffix in INCLUDE_SUFFIXES
+             and "__pycache__" not in p.parts]
+    return sorted(files, key=lambda p: p.relative_to(ROOT).as_posix())
+
+
+def build(output: Path) -> Path:
+    epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", ZIP_EPOCH)), ZIP_EPOCH)
+    date_time = time.gmtime(epoch)[:6]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".tmp")
+    with open(tmp, "wb") as raw:
+        raw.write(SHEBANG)
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+            entries = [("__main__.py", MAIN)]
+            entries += [(p.relative_to(ROOT).as_posix(), p.read_bytes()) for p in source_files()]
+            for name, data in entries:
+                info = zipfile.ZipInfo(name, date_time)
+                info.external_attr = (0o100000 | FILE_MODE) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.create_system = 3  # unix, whatever the build host
+                zf.writestr(info, data, compresslevel=9)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, output)
+    return output
+
+
+if __name__ == "__main__":
+    out = build(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "dist" / "enclave.pyz")
+    print(out)

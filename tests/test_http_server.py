@@ -1,0 +1,202 @@
+"""The hardened HTTP server: JSON answers, every limit, the connection cap and the drain."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+import unittest
+
+from enclave.errors import ApiError
+from enclave.server import HttpServer, Router
+from tests.support import (LOOPBACK_ANY_PORT, captured_logs, http_call, parse_raw_response,
+                           raw_exchange, running_server)
+
+
+def make_router(gate: threading.Event | None = None, entered: threading.Event | None = None):
+    router = Router()
+    router.add("GET", "/healthz", lambda req: (200, {"status": "ok"}))
+    router.add("POST", "/echo", lambda req: (200, {"echo": req.json()}))
+
+    def boom(req):
+        raise RuntimeError("secret internal detail")
+
+    def refuse(req):
+        raise ApiError(409, "conflict_example", "a clear sentence")
+
+    def slow(req):
+        entered.set()
+        gate.wait(5)
+        return 200, {"slow": True}
+
+    router.add("GET", "/boom", boom)
+    router.add("GET", "/refuse", refuse)
+    router.add("GET", "/slow", slow)
+    return router
+
+
+def post(port, body: bytes, headers: dict) -> bytes:
+    lines = ["POST /echo HTTP/1.1", "Host: x"] + [f"{k}: {v}" for k, v in headers.items()]
+    return raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+
+class Answers(unittest.TestCase):
+    def setUp(self):
+        ctx = running_server(make_router())
+        self.server = ctx.__enter__()
+        self.addCleanup(ctx.__exit__, None, None, None)
+        self.port = self.server.port
+
+    def test_json_answer_headers(self):
+        status, headers, body = http_call(self.port, "GET", "/healthz")
+        self.assertEqual((status, body), (200, {"status": "ok"}))
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(headers["Cache-Control"], "no-store")
+        self.assertEqual(int(headers["Content-Length"]), len(json.dumps(body, separators=(",", ":"))))
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(conn.close)
+        for _ in range(20):
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            resp.read()
+        conn.request("POST", "/echo", body=b'{"a": 1}', headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual(json.loads(resp.read()), {"echo": {"a": 1}})
+
+    def test_status_line_headers_and_body_arrive_in_one_segment(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.2)  # let the whole answer arrive; one recv must hold all of it
+            data = sock.recv(65536)
+        status, headers, body = parse_raw_response(data)
+        self.assertEqual(status, 200)
+        self.assertEqual(len(body), int(headers["content-length"]))
+
+    def test_error_table(self):
+        big = b"x" * (64 * 1024 + 1)
+        cases = [
+            ("unknown path", lambda: http_call(self.port, "GET", "/nope"), 404, "not_found"),
+            ("wrong method", lambda: http_call(self.port, "DELETE", "/healthz"), 405,
+             "method_not_allowed"),
+            ("malformed JSON", lambda: http_call(self.port, "POST", "/echo", b"{nope",
+                                                 {"Content-Type": "application/json"}), 400,
+             "malformed_json"),
+            ("JSON that is not an object", lambda: http_call(
+                self.port, "POST", "/echo", b"[1]", {"Content-Type": "application/json"}), 400,
+             "invalid_request"),
+            ("wrong content type", lambda: http_call(self.port, "POST", "/echo", b"{}",
+                                                     {"Content-Type": "text/plain"}), 415,
+             "unsupported_media_type"),
+            ("oversized", lambda: http_call(self.port, "POST", "/echo", big,
+                                            {"Content-Type": "application/json"}), 413,
+             "body_too_large"),
+            ("handler error", lambda: http_call(self.port, "GET", "/boom"), 500, "internal_error"),
+            ("handler ApiError", lambda: http_call(self.port, "GET", "/refuse"), 409,
+             "conflict_example"),
+        ]
+        for name, call, status, code in cases:
+            with self.subTest(name):
+                with captured_logs() as logs:
+                    got_status, headers, body = call()
+                self.assertEqual(got_status, status)
+                self.assertEqual(body["error"]["code"], code)
+                self.assertEqual(headers["Content-Type"], "application/json")
+                self.assertNotIn("Traceback", json.dumps(body))
+                self.assertNotIn("secret internal detail", json.dumps(body))
+                if status == 405:
+                    self.assertEqual(headers["Allow"], "GET")
+                if status == 500:
+                    self.assertIn("Traceback", logs.getvalue())  # logged, not sent
+
+    def test_raw_protocol_errors(self):
+        cases = [
+            ("chunked", post(self.port, b"2\r\n{}\r\n0\r\n\r\n",
+                             {"Transfer-Encoding": "chunked", "Content-Type": "application/json"}),
+             501),
+            ("missing length", post(self.port, b"", {"Content-Type": "application/json"}), 411),
+            ("two lengths", post(self.port, b"{}", {"Content-Length": "2\r\nContent-Length: 3",
+                                                    "Content-Type": "application/json"}), 400),
+            ("garbage length", post(self.port, b"{}", {"Content-Length": "-2",
+                                                       "Content-Type": "application/json"}), 400),
+            ("request line too long",
+             raw_exchange(self.port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"), 414),
+            ("not HTTP", raw_exchange(self.port, b"hello there\r\n\r\n"), 400),
+        ]
+        for name, data, status in cases:
+            with self.subTest(name):
+                got, headers, body = parse_raw_response(data)
+                self.assertEqual(got, status)
+                self.assertIn("error", json.loads(body))
+                self.assertEqual(headers["content-type"], "application/json")
+
+    def test_metrics_count_requests_by_route_and_status(self):
+        http_call(self.port, "GET", "/healthz")
+        http_call(self.port, "GET", "/nope")
+        m = self.server.metrics
+        self.assertEqual(m.value("enclave_http_requests_total",
+                                 {"method": "GET", "route": "/healthz", "status": "200"}), 1)
+        self.assertEqual(m.value("enclave_http_requests_total",
+                                 {"method": "GET", "route": "unmatched", "status": "404"}), 1)
+
+
+class Limits(unittest.TestCase):
+    def test_idle_connection_is_closed_after_the_timeout(self):
+        with running_server(make_router(), idle_timeout=0.5) as server:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                started = time.monotonic()
+                self.assertEqual(sock.recv(1), b"")  # the server closed it
+                self.assertLess(time.monotonic() - started, 9)
+
+    def test_connection_beyond_the_cap_gets_503_and_the_server_stays_responsive(self):
+        with running_server(make_router(), max_connections=2) as server:
+            holders = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                       for _ in range(2)]
+            try:
+                # make sure both holders are accepted before the third arrives
+                for sock in holders:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    self.assertIn(b"200 OK", sock.recv(65536))
+                status, headers, body = parse_raw_response(
+                    raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+                self.assertEqual(status, 503)
+                self.assertEqual(json.loads(body)["error"]["code"], "too_many_connections")
+                # a slot holder is still served
+                holders[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                self.assertIn(b"200 OK", holders[0].recv(65536))
+                # a freed slot is taken by a new client
+                holders.pop().close()
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    status, _, _ = http_call(server.port, "GET", "/healthz")
+                    if status == 200:
+                        break
+                    time.sleep(0.05)
+                self.assertEqual(status, 200)
+            finally:
+                for sock in holders:
+                    sock.close()
+
+    def test_drain_finishes_in_flight_requests(self):
+        gate, entered = threading.Event(), threading.Event()
+        server = HttpServer(LOOPBACK_ANY_PORT, make_router(gate, entered))
+        thread = server.serve_in_thread()
+        result = {}
+
+        def client():
+            result["answer"] = http_call(server.port, "GET", "/slow")
+
+        t = threading.Thread(target=client)
+        t.start()
+        self.assertTrue(entered.wait(5))
+        threading.Timer(0.2, gate.set).start()
+        self.assertTrue(server.drain(timeout=5))
+        t.join(5)
+        thread.join(5)
+        self.assertEqual(result["answer"][0], 200)
+
+
+if __name__ == "__main__":
+    unittest.main()
