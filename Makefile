@@ -30,7 +30,8 @@ zipapp:
 smoke:
 	scripts/smoke.sh
 
-bench: $(STAMP) tools zipapp
+bench: $(STAMP) zipapp
+	@scripts/ensure-tools.sh wrk || echo "wrk unavailable: using the pure-Python load generator"
 	$(PY) -m bench.run
 
 lint: $(STAMP)

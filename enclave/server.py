@@ -93,6 +93,13 @@ def error_body(code: str, message: str) -> bytes:
     return json_bytes({"error": {"code": code, "message": message}})
 
 
+
+
+def unauthorized() -> ApiError:
+    """The one opaque answer to every authentication failure."""
+    return ApiError(401, "unauthorized", "request authentication failed")
+
+
 BUSY_RESPONSE = _encode(503, error_body("too_many_connections", "server is at its connection limit"),
                         JSON_TYPE, close=True)
 
@@ -248,14 +255,20 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(503, "auth_not_configured", "RPC authentication is not configured")
         try:
             return auth.precheck(request.method, request.target, self.headers, time.time())
-        except Exception as exc:
-            raise self.server.auth_error(exc) from None
+        except ApiError:
+            raise
+        except Exception:  # an authenticator bug must fail closed, never open
+            log.exception("authenticator error")
+            raise unauthorized() from None
 
     def _finish_auth(self, pending, request: Request) -> None:
         try:
             self.server.authenticator.finish(pending, request.body, time.time())
-        except Exception as exc:
-            raise self.server.auth_error(exc) from None
+        except ApiError:
+            raise
+        except Exception:
+            log.exception("authenticator error")
+            raise unauthorized() from None
         request.authenticated = True
 
 
@@ -268,15 +281,13 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: Address, router: Router, *, metrics: Metrics | None = None,
-                 authenticator=None, auth_error: Callable[[Exception], ApiError] | None = None,
+                 authenticator=None,
                  max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT_SECONDS,
                  handler_class=RequestHandler):
         self.address_family = address.socket_family
         self.router = router
         self.metrics = metrics or Metrics()
         self.authenticator = authenticator
-        self.auth_error = auth_error or (lambda exc: ApiError(401, "unauthorized",
-                                                              "request authentication failed"))
         self.max_connections = max_connections
         self.draining = False
         self._lock = threading.Lock()

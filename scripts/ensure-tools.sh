@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Install the host tools the scripts and their tests use (socat, openssl, curl) when missing.
-# Usage: scripts/ensure-tools.sh
+# Usage: scripts/ensure-tools.sh [EXTRA_TOOL ...]   (e.g. wrk for make bench)
 set -euo pipefail
 
 missing=()
-for tool in socat openssl curl; do
+for tool in socat openssl curl "$@"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ "${#missing[@]}" -eq 0 ] && exit 0
