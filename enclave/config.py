@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .addresses import Address, AddressError, parse_address
+from .egress import EgressError, parse_routes
 from .errors import EnclaveError
 
 ENVIRONMENTS = ("local", "test", "staging", "production")
@@ -263,6 +264,11 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
     revoke_url = r.url("GOOGLE_OAUTH_REVOKE_URL", GOOGLE_REVOKE_URL)
     ca_file = r.raw("ENCLAVE_OUTBOUND_CA_FILE")
     sealing_key = _sealing_key(r)
+    egress_routes = r.raw("ENCLAVE_EGRESS_ROUTES")
+    try:
+        parse_routes(egress_routes)
+    except EgressError as exc:
+        r.problems.append(f"ENCLAVE_EGRESS_ROUTES: {exc}")
     log_format = r.choice("ENCLAVE_LOG_FORMAT", ("text", "json"), "text")
     log_level = r.choice("ENCLAVE_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
 
@@ -318,7 +324,7 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         google_client_id=r.raw("GOOGLE_OAUTH_CLIENT_ID"),
         google_client_secret=r.raw("GOOGLE_OAUTH_CLIENT_SECRET"),
         google_token_url=token_url, google_revoke_url=revoke_url, outbound_ca_file=ca_file,
-        token_sealing_key=sealing_key, egress_routes=r.raw("ENCLAVE_EGRESS_ROUTES"),
+        token_sealing_key=sealing_key, egress_routes=egress_routes,
         log_format=log_format, log_level=log_level,
     )
 

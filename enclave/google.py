@@ -1,0 +1,250 @@
+"""Google OAuth on behalf of the host (DESIGN.md section 9): exchange, refresh, revoke.
+
+The raw refresh token never leaves the enclave: the host only ever holds it sealed
+(enclave.sealing). Codes, tokens, the client secret and sealed values are never logged.
+
+Error mapping (one place, `_upstream_error`):
+    request validation            -> 400 invalid_request
+    Google 400 {"error": CODE}    -> 400 CODE (invalid_grant, redirect_uri_mismatch, ...)
+    Google 401 / invalid_client   -> 502 upstream_auth_failed
+    Google 5xx, other statuses    -> 502 upstream_error
+    TLS failure                   -> 502 upstream_tls_error
+    deadline (10 s)               -> 504 upstream_timeout
+    no client credentials yet     -> 503 google_oauth_not_configured
+Nothing is retried at this level (an invalid_grant is final); the HTTP client only resends a
+request that a stale keep-alive connection never delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Callable
+from urllib.parse import urlsplit
+
+from . import sealing
+from .errors import ApiError
+from .outbound import (OutboundClient, OutboundError, Response, UpstreamTimeout,
+                       UpstreamTLSError)
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_METRIC = "enclave_upstream_seconds"
+OUTCOME_METRIC = "enclave_google_oauth_total"
+MAX_CODE_CHARS = 2048  # Google codes are ~70 characters
+MAX_REDIRECT_URI_CHARS = 2048
+MAX_TOKEN_CHARS = 4096  # access tokens can be long-ish (~200); refresh tokens ~100
+MAX_DESCRIPTION_CHARS = 200  # Google's error_description, passed on to the host when printable
+_VERIFIER_RE = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 section 4.1
+_ERROR_CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_PRINTABLE_RE = re.compile(r"[ -~]*")
+
+
+def _field(data: dict, name: str, limit: int, required: bool = True) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, "invalid_request", f"{name} is required")
+        return None
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "invalid_request", f"{name} must be a non-empty string")
+    if len(value) > limit:
+        raise ApiError(400, "invalid_request", f"{name} must be at most {limit} characters")
+    if not _PRINTABLE_RE.fullmatch(value) or " " in value:
+        raise ApiError(400, "invalid_request",
+                       f"{name} must be printable ASCII without spaces")
+    return value
+
+
+def _only(data: dict, allowed: tuple[str, ...]) -> None:
+    extra = sorted(set(data) - set(allowed))
+    if extra:
+        raise ApiError(400, "invalid_request",
+                       f"unexpected field {extra[0]!r}; allowed: {', '.join(allowed)}")
+
+
+def _redirect_uri(data: dict) -> str:
+    value = _field(data, "redirect_uri", MAX_REDIRECT_URI_CHARS)
+    if value == "postmessage":  # Google Identity Services popup flow
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ApiError(400, "invalid_request",
+                       "redirect_uri must be an http(s) URL with a host (or 'postmessage')")
+    return value
+
+
+class GoogleOAuth:
+    """The three RPC handlers: each takes a Request, returns (status, dict) or raises ApiError."""
+
+    def __init__(self, credentials_fn: Callable[[], tuple[str, str] | None],
+                 sealing_key_fn: Callable[[], bytes | None], client: OutboundClient,
+                 token_url: str, revoke_url: str, metrics=None, *,
+                 timeout_s: float | None = None):
+        self._credentials_fn = credentials_fn
+        self._sealing_key_fn = sealing_key_fn
+        self._client = client
+        self.token_url = token_url
+        self.revoke_url = revoke_url
+        self._metrics = metrics
+        self._timeout_s = timeout_s  # None: the client's deadline (10 s)
+        if metrics is not None:
+            metrics.describe(UPSTREAM_METRIC, "summary", "Latency of upstream calls, by upstream")
+            metrics.describe(OUTCOME_METRIC, "counter",
+                             "Google OAuth operations, by operation and outcome")
+
+    # -- shared steps ------------------------------------------------------------------------
+    def _credentials(self) -> tuple[str, str]:
+        creds = self._credentials_fn()
+        if not creds or not creds[0] or not creds[1]:
+            raise ApiError(503, "google_oauth_not_configured",
+                           "Google OAuth client credentials have not been delivered yet")
+        return creds[0], creds[1]
+
+    def _sealing_key(self) -> bytes:
+        key = self._sealing_key_fn()
+        if not key:
+            raise ApiError(503, "token_sealing_not_configured",
+                           "the token sealing key has not been delivered yet")
+        return key
+
+    def _count(self, operation: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.inc(OUTCOME_METRIC, {"operation": operation, "outcome": outcome})
+
+    def _post(self, operation: str, upstream: str, url: str, form: dict) -> Response:
+        started = time.monotonic()
+        try:
+            return self._client.post_form(url, form, timeout=self._timeout_s)
+        except UpstreamTimeout:
+            self._count(operation, "timeout")
+            log.warning("Google %s: no answer within the deadline", operation)
+            raise ApiError(504, "upstream_timeout", "Google did not answer in time") from None
+        except UpstreamTLSError as exc:
+            self._count(operation, "tls_error")
+            log.warning("Google %s: TLS failure: %s", operation, exc)
+            raise ApiError(502, "upstream_tls_error", "TLS to Google failed") from None
+        except OutboundError as exc:
+            self._count(operation, "unreachable")
+            log.warning("Google %s: request failed: %s", operation, exc)
+            raise ApiError(502, "upstream_error", "Google could not be reached") from None
+        finally:
+            if self._metrics is not None:
+                self._metrics.observe(UPSTREAM_METRIC, time.monotonic() - started,
+                                      {"upstream": upstream})
+
+    def _upstream_error(self, operation: str, response: Response) -> ApiError:
+        """Map a non-200 Google answer to the host's answer (the one mapping table)."""
+        body = response.json()
+        code = body.get("error") if isinstance(body, dict) else None
+        code = code if isinstance(code, str) and _ERROR_CODE_RE.fullmatch(code) else None
+        description = body.get("error_description") if isinstance(body, dict) else None
+        log.warning("Google %s answered %d (%s)", operation, response.status, code or "no code")
+        if response.status == 401 or code in ("invalid_client", "unauthorized_client"):
+            self._count(operation, "upstream_auth_failed")
+            return ApiError(502, "upstream_auth_failed",
+                            "Google refused the enclave's OAuth client credentials")
+        if response.status == 400 and code:
+            self._count(operation, code)
+            message = f"Google refused the request ({code})"
+            if (isinstance(description, str) and description
+                    and len(description) <= MAX_DESCRIPTION_CHARS
+                    and _PRINTABLE_RE.fullmatch(description)):
+                message += f": {description}"
+            return ApiError(400, code, message)
+        self._count(operation, "upstream_error")
+        return ApiError(502, "upstream_error", f"Google answered HTTP {response.status}")
+
+    def _token_answer(self, operation: str, response: Response, client_id: str,
+                      key: bytes | None) -> tuple[int, dict]:
+        if response.status != 200:
+            raise self._upstream_error(operation, response)
+        body = response.json()
+        if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+            self._count(operation, "malformed_answer")
+            log.warning("Google %s: token answer without an access_token", operation)
+            raise ApiError(502, "upstream_error", "Google's token answer is malformed")
+        answer = {"access_token": body["access_token"]}
+        for name, kind in (("expires_in", int), ("token_type", str), ("scope", str),
+                           ("id_token", str), ("refresh_token_expires_in", int)):
+            value = body.get(name)
+            if isinstance(value, kind) and not isinstance(value, bool):
+                answer[name] = value
+        refresh_token = body.get("refresh_token")
+        if isinstance(refresh_token, str) and refresh_token and key is not None:
+            answer["sealed_refresh_token"] = sealing.seal(key, refresh_token, client_id)
+        self._count(operation, "ok")
+        log.info("Google %s succeeded (refresh token sealed: %s)", operation,
+                 "sealed_refresh_token" in answer)
+        return 200, answer
+
+    def _unseal(self, sealed: str, client_id: str) -> str:
+        try:
+            return sealing.unseal(self._sealing_key(), sealed, client_id)
+        except sealing.SealingError:
+            raise ApiError(400, "invalid_sealed_token",
+                           "sealed_refresh_token does not unseal under this enclave's key and "
+                           "client (altered, or sealed elsewhere)") from None
+
+    # -- handlers ----------------------------------------------------------------------------
+    def exchange(self, req) -> tuple[int, dict]:
+        """{"code", "redirect_uri", "code_verifier"?} -> access token + sealed refresh token."""
+        data = req.json()
+        _only(data, ("code", "redirect_uri", "code_verifier"))
+        code = _field(data, "code", MAX_CODE_CHARS)
+        redirect_uri = _redirect_uri(data)
+        verifier = data.get("code_verifier")
+        if verifier is not None and (not isinstance(verifier, str)
+                                     or not _VERIFIER_RE.fullmatch(verifier)):
+            raise ApiError(400, "invalid_request",
+                           "code_verifier must be 43-128 characters of A-Z a-z 0-9 - . _ ~")
+        client_id, client_secret = self._credentials()
+        # Checked before Google is called: a refresh token that cannot be sealed would be lost
+        # together with the (single-use) code.
+        key = self._sealing_key()
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+                "client_id": client_id, "client_secret": client_secret}
+        if verifier is not None:
+            form["code_verifier"] = verifier
+        response = self._post("exchange", "google_token", self.token_url, form)
+        return self._token_answer("exchange", response, client_id, key)
+
+    def refresh(self, req) -> tuple[int, dict]:
+        """{"sealed_refresh_token"} -> a new access token (and a sealed one if Google rotates)."""
+        data = req.json()
+        _only(data, ("sealed_refresh_token",))
+        sealed = _field(data, "sealed_refresh_token", sealing.MAX_SEALED_CHARS)
+        client_id, client_secret = self._credentials()
+        key = self._sealing_key()
+        refresh_token = self._unseal(sealed, client_id)
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token,
+                "client_id": client_id, "client_secret": client_secret}
+        response = self._post("refresh", "google_token", self.token_url, form)
+        return self._token_answer("refresh", response, client_id, key)
+
+    def revoke(self, req) -> tuple[int, dict]:
+        """{"sealed_refresh_token"} or {"token"} -> {"revoked": true[, "already_invalid": true]}."""
+        data = req.json()
+        _only(data, ("sealed_refresh_token", "token"))
+        if ("sealed_refresh_token" in data) == ("token" in data):
+            raise ApiError(400, "invalid_request",
+                           "give exactly one of sealed_refresh_token and token")
+        client_id, _ = self._credentials()
+        if "token" in data:
+            token = _field(data, "token", MAX_TOKEN_CHARS)
+        else:
+            sealed = _field(data, "sealed_refresh_token", sealing.MAX_SEALED_CHARS)
+            token = self._unseal(sealed, client_id)
+        response = self._post("revoke", "google_revoke", self.revoke_url, {"token": token})
+        if response.status == 200:
+            self._count("revoke", "ok")
+            log.info("Google revoke succeeded")
+            return 200, {"revoked": True}
+        body = response.json()
+        if (response.status == 400 and isinstance(body, dict)
+                and body.get("error") == "invalid_token"):
+            self._count("revoke", "already_invalid")
+            log.info("Google revoke: token was already invalid")
+            return 200, {"revoked": True, "already_invalid": True}
+        raise self._upstream_error("revoke", response)

@@ -1,0 +1,301 @@
+"""The one HTTPS client for outbound calls (Google OAuth), over the egress connector.
+
+- Trust: the system store (ssl.create_default_context); ENCLAVE_OUTBOUND_CA_FILE adds a CA for
+  fakes (config refuses it in staging/production).
+- Transport: TLS over `egress.Connector.connect(host, port)` (AF_VSOCK when routed) with
+  `server_hostname=host`.
+- Keep-alive: idle connections are pooled per (host, port) and reused; bounded.
+- Deadline: one per request (10 s default) over connect, handshake, send and the whole answer.
+  A deadline miss raises UpstreamTimeout (handlers answer 504).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from typing import NamedTuple
+from urllib.parse import urlencode, urlsplit
+
+from .egress import Connector, EgressError
+from .errors import EnclaveError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0  # per request, all phases (DESIGN.md section 9)
+MAX_CONNECTIONS_PER_HOST = 32  # in use at once per (host, port); the server caps requests at 64
+MAX_IDLE_PER_HOST = 16  # idle keep-alive connections kept per (host, port)
+IDLE_TTL_S = 45.0  # drop idle connections before typical server keep-alive timeouts (60 s+)
+MAX_RESPONSE_BYTES = 1024 * 1024  # an OAuth answer is a few KiB
+READ_CHUNK_BYTES = 64 * 1024
+USER_AGENT = "enclave-runtime"
+
+
+class OutboundError(EnclaveError):
+    """An outbound request failed before a complete HTTP answer arrived."""
+
+
+class UpstreamTimeout(OutboundError):
+    """The per-request deadline passed (handlers answer 504)."""
+
+
+class UpstreamTLSError(OutboundError):
+    """The TLS handshake failed: untrusted certificate, wrong host name, protocol error."""
+
+
+class UpstreamUnavailable(OutboundError):
+    """Could not connect, the connection broke, or the answer was not valid HTTP."""
+
+
+def create_outbound_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """Every TLS setting for outbound HTTPS, in one place."""
+    # System trust store, CERT_REQUIRED and check_hostname=True, PROTOCOL_TLS_CLIENT.
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    # Never below TLS 1.2 (Google serves 1.2 and 1.3).
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Explicit, even though they are the defaults: a context is never weakened later.
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    # A fake's CA (local/test only; config refuses it in staging/production). Added, not replacing.
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    # HTTP/1.1 only: keep-alive reuse is what makes the pool worth it.
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class Response(NamedTuple):
+    """An answer: unpacks as (status, headers, body)."""
+
+    status: int
+    headers: dict[str, str]  # lower-case names (last value wins)
+    body: bytes
+
+    def json(self):
+        """The body as JSON, or None when it is not JSON."""
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+
+class _Deadline:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("deadline passed")
+        return left
+
+
+class _EgressHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPSConnection whose socket comes from the egress connector (VSOCK or TCP)."""
+
+    def __init__(self, host: str, port: int, *, context: ssl.SSLContext, connector: Connector,
+                 timeout: float):
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._egress = connector
+        self._tls_context = context
+        self.last_used = time.monotonic()
+        self.answered = False  # a status line arrived for the current request
+
+    def connect(self) -> None:
+        raw = self._egress.connect(self.host, self.port, self.timeout)
+        try:
+            self.sock = self._tls_context.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+    def dropped(self) -> bool:
+        """True if the peer closed this idle connection (readable before we asked anything)."""
+        sock = self.sock
+        if sock is None:
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+
+class _HostPool:
+    def __init__(self):
+        self.idle: deque[_EgressHTTPSConnection] = deque()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS_PER_HOST)
+
+
+class OutboundClient:
+    """HTTPS requests with pooled keep-alive connections; `reuse=False` opens one per request."""
+
+    def __init__(self, connector: Connector | None = None, *, ca_file: str | None = None,
+                 context: ssl.SSLContext | None = None, reuse: bool = True,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.connector = connector or Connector()
+        self.context = context or create_outbound_context(ca_file)
+        self.reuse = reuse
+        self.timeout_s = timeout_s
+        self._pools: dict[tuple[str, int], _HostPool] = {}
+        self._lock = threading.Lock()
+        self.connections_opened = 0  # new TLS connections (to prove reuse)
+
+    # -- pool ------------------------------------------------------------------------------
+    def _pool(self, key: tuple[str, int]) -> _HostPool:
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = _HostPool()
+            return pool
+
+    def _take_idle(self, pool: _HostPool) -> _EgressHTTPSConnection | None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not pool.idle:
+                    return None
+                conn = pool.idle.pop()  # most recently used first
+            if now - conn.last_used < IDLE_TTL_S and not conn.dropped():
+                return conn
+            conn.close()
+
+    def _give_back(self, pool: _HostPool, conn: _EgressHTTPSConnection) -> None:
+        conn.last_used = time.monotonic()
+        with self._lock:
+            if self.reuse and len(pool.idle) < MAX_IDLE_PER_HOST:
+                pool.idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection (in-flight ones close when they finish)."""
+        with self._lock:
+            conns = [c for pool in self._pools.values() for c in pool.idle]
+            for pool in self._pools.values():
+                pool.idle.clear()
+        for conn in conns:
+            conn.close()
+
+    def idle_connections(self) -> int:
+        with self._lock:
+            return sum(len(pool.idle) for pool in self._pools.values())
+
+    # -- requests --------------------------------------------------------------------------
+    def request(self, method: str, url: str, body: bytes = b"", headers: dict | None = None,
+                timeout: float | None = None) -> Response:
+        """Send one request and read the whole answer within the deadline."""
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise OutboundError("outbound URLs must be https:// with a host")
+        host, port = parts.hostname, parts.port or 443
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        all_headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        all_headers.update(headers or {})
+        if not self.reuse:
+            all_headers["Connection"] = "close"
+        deadline = _Deadline(self.timeout_s if timeout is None else timeout)
+        pool = self._pool((host, port))
+        try:
+            if not pool.slots.acquire(timeout=deadline.remaining()):
+                raise socket.timeout("no free connection slot")
+        except socket.timeout:
+            raise UpstreamTimeout(f"{host}: deadline passed waiting for a connection") from None
+        try:
+            return self._request_in_slot(pool, host, port, method, target, body, all_headers,
+                                         deadline)
+        finally:
+            pool.slots.release()
+
+    def _request_in_slot(self, pool, host, port, method, target, body, headers, deadline):
+        conn = self._take_idle(pool) if self.reuse else None
+        reused = conn is not None
+        while True:
+            try:
+                if conn is None:
+                    conn = _EgressHTTPSConnection(host, port, context=self.context,
+                                                  connector=self.connector,
+                                                  timeout=deadline.remaining())
+                must_close, response = self._exchange(conn, method, target, body, headers,
+                                                      deadline)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ssl.SSLEOFError) as exc:
+                conn.close()
+                if reused and not conn.answered:
+                    # A kept-alive connection the server closed while idle: the request got no
+                    # answer, so it is sent once more on a fresh connection (never on an answer).
+                    log.debug("stale keep-alive connection to %s:%d, reconnecting", host, port)
+                    conn, reused = None, False
+                    continue
+                raise UpstreamUnavailable(
+                    f"{host}: connection closed ({type(exc).__name__})") from None
+            except BaseException as exc:
+                if conn is not None:
+                    conn.close()
+                raise self._map_error(host, exc) from None
+            if must_close:
+                conn.close()
+            else:
+                self._give_back(pool, conn)
+            return response
+
+    def _exchange(self, conn: _EgressHTTPSConnection, method, target, body, headers,
+                  deadline: _Deadline) -> tuple[bool, Response]:
+        if conn.sock is None:
+            conn.timeout = deadline.remaining()
+            conn.connect()
+            with self._lock:
+                self.connections_opened += 1
+        conn.answered = False
+        sock = conn.sock  # kept: http.client drops conn.sock when the answer says "close"
+        sock.settimeout(deadline.remaining())
+        conn.request(method, target, body=body, headers=headers)
+        sock.settimeout(deadline.remaining())
+        resp = conn.getresponse()
+        conn.answered = True
+        chunks, size = [], 0
+        while not resp.isclosed():  # closed once the whole body is read
+            sock.settimeout(deadline.remaining())
+            chunk = resp.read(READ_CHUNK_BYTES)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise UpstreamUnavailable(
+                    f"{conn.host}: answer larger than {MAX_RESPONSE_BYTES} bytes")
+            chunks.append(chunk)
+        headers_out = {k.lower(): v for k, v in resp.getheaders()}
+        must_close = resp.will_close or not self.reuse or conn.sock is None
+        return must_close, Response(resp.status, headers_out, b"".join(chunks))
+
+    @staticmethod
+    def _map_error(host: str, exc: BaseException) -> BaseException:
+        if isinstance(exc, OutboundError):
+            return exc
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return UpstreamTimeout(f"{host}: no answer within the deadline")
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return UpstreamTLSError(
+                f"{host}: certificate verification failed ({exc.verify_message})")
+        if isinstance(exc, ssl.SSLError):
+            return UpstreamTLSError(f"{host}: TLS failed ({exc.reason or type(exc).__name__})")
+        if isinstance(exc, EgressError):
+            return UpstreamUnavailable(f"{host}: {exc}")
+        if isinstance(exc, (OSError, http.client.HTTPException)):
+            return UpstreamUnavailable(f"{host}: {type(exc).__name__}")
+        return exc
+
+    def post_form(self, url: str, fields: dict, timeout: float | None = None) -> Response:
+        body = urlencode(fields).encode("ascii")
+        return self.request("POST", url, body,
+                            {"Content-Type": "application/x-www-form-urlencoded"}, timeout)
+
+    def post_json(self, url: str, value, timeout: float | None = None) -> Response:
+        body = json.dumps(value, separators=(",", ":")).encode("utf-8")
+        return self.request("POST", url, body, {"Content-Type": "application/json"}, timeout)

@@ -1,0 +1,408 @@
+"""Google OAuth handlers (DESIGN.md section 9) called directly, against the fake Google over HTTPS.
+
+Every log record emitted while this module runs (all loggers, DEBUG) is captured; at the end no
+authorization code, token, client secret, code verifier or sealed value may appear in it.
+"""
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import unittest
+from email.message import Message
+
+from enclave import sealing
+from enclave.errors import ApiError
+from enclave.google import GoogleOAuth, OUTCOME_METRIC, UPSTREAM_METRIC
+from enclave.metrics import Metrics
+from enclave.outbound import OutboundClient
+from enclave.request import Request
+from tests.fakes.fake_google import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeGoogle
+from tests.fakes.pki import TestCA
+
+REDIRECT = "https://app.example/oauth/callback"
+HANG_DEADLINE_S = 1.0
+SECRET_VALUES: set[str] = set()  # everything that must never reach a log line
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+def setUpModule():
+    global CA, TMP, CA_FILE, FAKE, CLIENT, CAPTURE, _ROOT_LEVEL
+    CAPTURE = _Capture()
+    CAPTURE.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    _ROOT_LEVEL = root.level
+    root.addHandler(CAPTURE)
+    root.setLevel(logging.DEBUG)
+    CA = TestCA()
+    TMP = tempfile.TemporaryDirectory(prefix="google-test-")
+    CA_FILE = CA.write(TMP.name)
+    FAKE = FakeGoogle(CA).start()
+    CLIENT = OutboundClient(ca_file=CA_FILE)
+    SECRET_VALUES.add(DEFAULT_CLIENT_SECRET)
+
+
+def tearDownModule():
+    CLIENT.close()
+    FAKE.stop()
+    TMP.cleanup()
+    root = logging.getLogger()
+    root.removeHandler(CAPTURE)
+    root.setLevel(_ROOT_LEVEL)
+    _collect_fake_secrets()
+    leaks = [value for value in SECRET_VALUES if any(value in line for line in CAPTURE.lines)]
+    if leaks:
+        raise AssertionError(f"{len(leaks)} secret value(s) appeared in the logs")
+
+
+def _collect_fake_secrets():
+    state = FAKE.state
+    SECRET_VALUES.update(state.codes, state.refresh_tokens, state.access_tokens)
+
+
+def request(body, path="/v1/rpc/google/token/exchange") -> Request:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = Message()
+    headers["Content-Type"] = "application/json"
+    return Request(method="POST", target=path, path=path, query={}, headers=headers, body=raw,
+                   authenticated=True)
+
+
+def pkce_pair():
+    verifier = base64.urlsafe_b64encode(os.urandom(48)).rstrip(b"=").decode()
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()) \
+        .rstrip(b"=").decode()
+    SECRET_VALUES.add(verifier)
+    return verifier, challenge
+
+
+class GoogleTestCase(unittest.TestCase):
+    def setUp(self):
+        FAKE.set_mode("normal")
+        self.addCleanup(FAKE.set_mode, "normal")
+        self.key = os.urandom(32)
+        self.creds = (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
+        self.metrics = Metrics()
+        self.google = GoogleOAuth(lambda: self.creds, lambda: self.key, CLIENT, FAKE.token_url,
+                                  FAKE.revoke_url, self.metrics, timeout_s=HANG_DEADLINE_S)
+
+    def mint(self, **kwargs):
+        code = FAKE.mint_code(kwargs.pop("redirect_uri", REDIRECT), **kwargs)
+        SECRET_VALUES.add(code)
+        return code
+
+    def call(self, handler, body):
+        status, answer = handler(request(body))
+        for name in ("access_token", "id_token", "sealed_refresh_token"):
+            if name in answer:
+                SECRET_VALUES.add(answer[name])
+        return status, answer
+
+    def assertApiError(self, status, code, handler, body):
+        with self.assertRaises(ApiError) as ctx:
+            self.call(handler, body)
+        self.assertEqual((ctx.exception.status, ctx.exception.code), (status, code),
+                         ctx.exception.message)
+        return ctx.exception
+
+    def exchange_sealed(self):
+        status, answer = self.call(self.google.exchange,
+                                   {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.assertEqual(status, 200)
+        return answer["sealed_refresh_token"]
+
+
+class ExchangeTest(GoogleTestCase):
+    def test_exchange_answers_tokens_and_seals_the_refresh_token(self):
+        status, answer = self.call(self.google.exchange,
+                                   {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.assertEqual(status, 200)
+        self.assertEqual(set(answer), {"access_token", "expires_in", "token_type", "scope",
+                                       "id_token", "sealed_refresh_token"})
+        self.assertEqual((answer["token_type"], answer["expires_in"]), ("Bearer", 3599))
+        self.assertNotIn("refresh_token", answer)
+        raw = sealing.unseal(self.key, answer["sealed_refresh_token"], DEFAULT_CLIENT_ID)
+        self.assertIn(raw, FAKE.state.refresh_tokens)
+        self.assertNotIn(raw, json.dumps(answer))
+        self.assertEqual(self.metrics.value(OUTCOME_METRIC,
+                                            {"operation": "exchange", "outcome": "ok"}), 1)
+        self.assertEqual(self.metrics.value(UPSTREAM_METRIC + "_count",
+                                            {"upstream": "google_token"}), 1)
+
+    def test_exchange_with_pkce(self):
+        verifier, challenge = pkce_pair()
+        code = self.mint(code_challenge=challenge)
+        with self.subTest("missing verifier"):
+            self.assertApiError(400, "invalid_grant", self.google.exchange,
+                                {"code": code, "redirect_uri": REDIRECT})
+        with self.subTest("wrong verifier"):
+            other, _ = pkce_pair()
+            self.assertApiError(400, "invalid_grant", self.google.exchange,
+                                {"code": code, "redirect_uri": REDIRECT, "code_verifier": other})
+        with self.subTest("right verifier"):
+            status, answer = self.call(self.google.exchange, {
+                "code": code, "redirect_uri": REDIRECT, "code_verifier": verifier})
+            self.assertEqual(status, 200)
+            self.assertIn("sealed_refresh_token", answer)
+
+    def test_no_refresh_token_without_offline_access(self):
+        status, answer = self.call(self.google.exchange, {
+            "code": self.mint(offline=False, scope="email"), "redirect_uri": REDIRECT})
+        self.assertEqual(status, 200)
+        self.assertNotIn("sealed_refresh_token", answer)
+        self.assertNotIn("id_token", answer)
+
+    def test_postmessage_redirect(self):
+        code = self.mint(redirect_uri="postmessage")
+        status, _ = self.call(self.google.exchange, {"code": code, "redirect_uri": "postmessage"})
+        self.assertEqual(status, 200)
+
+    def test_used_code_is_invalid_grant_and_never_retried(self):
+        code = self.mint()
+        self.call(self.google.exchange, {"code": code, "redirect_uri": REDIRECT})
+        before = FAKE.state.token_requests
+        error = self.assertApiError(400, "invalid_grant", self.google.exchange,
+                                    {"code": code, "redirect_uri": REDIRECT})
+        self.assertEqual(FAKE.state.token_requests - before, 1)
+        self.assertIn("invalid_grant", error.message)
+
+    def test_google_errors_are_mapped(self):
+        cases = [
+            ("unknown code", {}, "nope-" + "x" * 20, REDIRECT, 400, "invalid_grant"),
+            ("redirect mismatch", {}, None, "https://app.example/other", 400,
+             "redirect_uri_mismatch"),
+            ("wrong client secret", {"creds": (DEFAULT_CLIENT_ID, "wrong-secret")}, None, REDIRECT,
+             502, "upstream_auth_failed"),
+            ("unknown client", {"creds": ("someone-else", DEFAULT_CLIENT_SECRET)}, None, REDIRECT,
+             502, "upstream_auth_failed"),
+            ("Google 500", {"mode": "error500"}, None, REDIRECT, 502, "upstream_error"),
+        ]
+        for name, setup, code, redirect, status, error in cases:
+            with self.subTest(name):
+                self.creds = setup.get("creds", (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET))
+                FAKE.set_mode(setup.get("mode", "normal"))
+                self.assertApiError(status, error, self.google.exchange,
+                                    {"code": code or self.mint(), "redirect_uri": redirect})
+                FAKE.set_mode("normal")
+
+    def test_hanging_google_answers_504_within_the_deadline(self):
+        FAKE.set_mode("hang")
+        error = self.assertApiError(504, "upstream_timeout", self.google.exchange,
+                                    {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.assertEqual(error.body()["error"]["code"], "upstream_timeout")
+        self.assertEqual(self.metrics.value(OUTCOME_METRIC,
+                                            {"operation": "exchange", "outcome": "timeout"}), 1)
+
+    def test_not_configured(self):
+        before = FAKE.state.token_requests
+        for creds in (None, ("", ""), (DEFAULT_CLIENT_ID, "")):
+            with self.subTest(creds=creds is not None):
+                self.creds = creds
+                self.assertApiError(503, "google_oauth_not_configured", self.google.exchange,
+                                    {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.creds = (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
+        self.key = None
+        self.assertApiError(503, "token_sealing_not_configured", self.google.exchange,
+                            {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.assertEqual(FAKE.state.token_requests, before)  # Google never called
+
+    def test_request_validation(self):
+        good = {"code": "4/0Aabc", "redirect_uri": REDIRECT}
+        cases = [
+            ("not JSON", b"{", "malformed_json"),
+            ("not an object", [good], "invalid_request"),
+            ("missing code", {"redirect_uri": REDIRECT}, "invalid_request"),
+            ("code not a string", {**good, "code": 12}, "invalid_request"),
+            ("empty code", {**good, "code": ""}, "invalid_request"),
+            ("code with a space", {**good, "code": "a b"}, "invalid_request"),
+            ("code with a newline", {**good, "code": "a\nb"}, "invalid_request"),
+            ("code too long", {**good, "code": "a" * 5000}, "invalid_request"),
+            ("missing redirect_uri", {"code": "x"}, "invalid_request"),
+            ("redirect_uri not a URL", {**good, "redirect_uri": "app.example/cb"}, "invalid_request"),
+            ("redirect_uri javascript", {**good, "redirect_uri": "javascript:alert(1)"},
+             "invalid_request"),
+            ("verifier too short", {**good, "code_verifier": "a" * 42}, "invalid_request"),
+            ("verifier too long", {**good, "code_verifier": "a" * 129}, "invalid_request"),
+            ("verifier bad characters", {**good, "code_verifier": "a" * 42 + "+"},
+             "invalid_request"),
+            ("verifier null", {**good, "code_verifier": None}, None),
+            ("unexpected field", {**good, "client_secret": "x"}, "invalid_request"),
+        ]
+        before = FAKE.state.token_requests
+        for name, body, code in cases:
+            with self.subTest(name):
+                if code is None:  # null verifier means "no verifier": Google says the code is bad
+                    self.assertApiError(400, "invalid_grant", self.google.exchange, body)
+                    continue
+                error = self.assertApiError(400, code, self.google.exchange, body)
+                self.assertTrue(error.message)
+        self.assertEqual(FAKE.state.token_requests - before, 1)
+
+    def test_connections_are_reused_across_requests(self):
+        self.call(self.google.exchange, {"code": self.mint(), "redirect_uri": REDIRECT})
+        before = FAKE.tls_connections
+        for _ in range(5):
+            self.call(self.google.exchange, {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.assertEqual(FAKE.tls_connections, before)
+
+
+class RefreshTest(GoogleTestCase):
+    def test_refresh(self):
+        sealed = self.exchange_sealed()
+        status, answer = self.call(self.google.refresh, {"sealed_refresh_token": sealed})
+        self.assertEqual(status, 200)
+        self.assertEqual(set(answer), {"access_token", "expires_in", "token_type", "scope",
+                                       "id_token"})
+
+    def test_sealed_token_refused_under_another_key_or_when_changed(self):
+        sealed = self.exchange_sealed()
+        before = FAKE.state.token_requests
+        with self.subTest("another key"):
+            self.key = os.urandom(32)
+            self.assertApiError(400, "invalid_sealed_token", self.google.refresh,
+                                {"sealed_refresh_token": sealed})
+        raw_key = os.urandom(32)
+        self.key = raw_key
+        resealed = sealing.seal(raw_key, "1//0g-some-token", DEFAULT_CLIENT_ID)
+        SECRET_VALUES.add(resealed)
+        for index in range(len(resealed)):
+            changed = resealed[:index] + ("A" if resealed[index] != "A" else "B") + resealed[index + 1:]
+            with self.subTest(changed_index=index):
+                self.assertApiError(400, "invalid_sealed_token", self.google.refresh,
+                                    {"sealed_refresh_token": changed})
+        with self.subTest("sealed for another client"):
+            other = sealing.seal(raw_key, "1//0g-some-token", "other-client")
+            self.assertApiError(400, "invalid_sealed_token", self.google.refresh,
+                                {"sealed_refresh_token": other})
+        self.assertEqual(FAKE.state.token_requests, before)  # Google never called
+
+    def test_revoked_refresh_token_is_invalid_grant(self):
+        sealed = self.exchange_sealed()
+        self.call(self.google.revoke, {"sealed_refresh_token": sealed})
+        before = FAKE.state.token_requests
+        self.assertApiError(400, "invalid_grant", self.google.refresh,
+                            {"sealed_refresh_token": sealed})
+        self.assertEqual(FAKE.state.token_requests - before, 1)  # not retried
+
+    def test_refresh_errors_are_mapped(self):
+        sealed = self.exchange_sealed()
+        for mode, status, code in (("error500", 502, "upstream_error"),
+                                   ("hang", 504, "upstream_timeout")):
+            with self.subTest(mode):
+                FAKE.set_mode(mode)
+                self.assertApiError(status, code, self.google.refresh,
+                                    {"sealed_refresh_token": sealed})
+                FAKE.set_mode("normal")
+        with self.subTest("wrong client secret"):
+            self.creds = (DEFAULT_CLIENT_ID, "wrong")
+            self.assertApiError(502, "upstream_auth_failed", self.google.refresh,
+                                {"sealed_refresh_token": sealed})
+
+    def test_refresh_validation(self):
+        for name, body in (("missing", {}), ("not a string", {"sealed_refresh_token": 5}),
+                           ("extra field", {"sealed_refresh_token": "v1.a.b", "x": 1}),
+                           ("too long", {"sealed_refresh_token": "v1." + "A" * 10_000})):
+            with self.subTest(name):
+                self.assertApiError(400, "invalid_request", self.google.refresh, body)
+        self.creds = None
+        self.assertApiError(503, "google_oauth_not_configured", self.google.refresh,
+                            {"sealed_refresh_token": "v1.a.b"})
+
+
+class RevokeTest(GoogleTestCase):
+    def test_revoke_sealed_then_already_invalid(self):
+        sealed = self.exchange_sealed()
+        raw = sealing.unseal(self.key, sealed, DEFAULT_CLIENT_ID)
+        status, answer = self.call(self.google.revoke, {"sealed_refresh_token": sealed})
+        self.assertEqual((status, answer), (200, {"revoked": True}))
+        self.assertTrue(FAKE.is_revoked(raw))
+        status, answer = self.call(self.google.revoke, {"sealed_refresh_token": sealed})
+        self.assertEqual((status, answer), (200, {"revoked": True, "already_invalid": True}))
+        self.assertEqual(self.metrics.value(UPSTREAM_METRIC + "_count",
+                                            {"upstream": "google_revoke"}), 2)
+
+    def test_revoke_raw_access_token(self):
+        _, answer = self.call(self.google.exchange, {"code": self.mint(), "redirect_uri": REDIRECT})
+        status, result = self.call(self.google.revoke, {"token": answer["access_token"]})
+        self.assertEqual((status, result), (200, {"revoked": True}))
+        self.assertTrue(FAKE.is_revoked(answer["access_token"]))
+
+    def test_unknown_token_is_already_invalid(self):
+        status, answer = self.call(self.google.revoke, {"token": "ya29.unknown-token"})
+        self.assertEqual((status, answer), (200, {"revoked": True, "already_invalid": True}))
+
+    def test_revoke_validation_and_errors(self):
+        sealed = self.exchange_sealed()
+        for name, body in (("neither", {}), ("both", {"token": "a", "sealed_refresh_token": sealed}),
+                           ("empty token", {"token": ""}), ("extra", {"token": "a", "x": 1})):
+            with self.subTest(name):
+                self.assertApiError(400, "invalid_request", self.google.revoke, body)
+        with self.subTest("sealed under another key"):
+            self.key = os.urandom(32)
+            self.assertApiError(400, "invalid_sealed_token", self.google.revoke,
+                                {"sealed_refresh_token": sealed})
+        for mode, status, code in (("error500", 502, "upstream_error"),
+                                   ("hang", 504, "upstream_timeout")):
+            with self.subTest(mode):
+                FAKE.set_mode(mode)
+                self.assertApiError(status, code, self.google.revoke, {"token": "ya29.x"})
+                FAKE.set_mode("normal")
+        with self.subTest("not configured"):
+            self.creds = None
+            self.assertApiError(503, "google_oauth_not_configured", self.google.revoke,
+                                {"token": "ya29.x"})
+
+
+class LogScanTest(GoogleTestCase):
+    """A complete run of every flow, then a scan of what it logged (the module scan covers all)."""
+
+    def test_no_secret_in_logs(self):
+        capture = _Capture()
+        capture.setFormatter(logging.Formatter("%(name)s %(message)s %(args)s"))
+        logging.getLogger().addHandler(capture)
+        try:
+            verifier, challenge = pkce_pair()
+            code = self.mint(code_challenge=challenge)
+            _, answer = self.call(self.google.exchange, {
+                "code": code, "redirect_uri": REDIRECT, "code_verifier": verifier})
+            sealed = answer["sealed_refresh_token"]
+            self.call(self.google.refresh, {"sealed_refresh_token": sealed})
+            for body in ({"code": code, "redirect_uri": REDIRECT},  # used code
+                         {"code": self.mint(), "redirect_uri": "https://wrong.example/cb"}):
+                with self.assertRaises(ApiError):
+                    self.call(self.google.exchange, body)
+            self.creds = (DEFAULT_CLIENT_ID, "wrong-" + DEFAULT_CLIENT_SECRET)
+            with self.assertRaises(ApiError):
+                self.call(self.google.refresh, {"sealed_refresh_token": sealed})
+            self.creds = (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
+            FAKE.set_mode("hang")
+            with self.assertRaises(ApiError):
+                self.call(self.google.refresh, {"sealed_refresh_token": sealed})
+            FAKE.set_mode("normal")
+            self.call(self.google.revoke, {"sealed_refresh_token": sealed})
+            self.call(self.google.revoke, {"sealed_refresh_token": sealed})
+            # Positive control: a value passed as a %-argument at DEBUG is seen by the scan.
+            logging.getLogger("tests.canary").debug("canary %s", "canary-value-7f3a")
+        finally:
+            logging.getLogger().removeHandler(capture)
+        _collect_fake_secrets()
+        self.assertTrue(any("canary-value-7f3a" in line for line in capture.lines))
+        secrets = SECRET_VALUES | {code, verifier, sealed, answer["access_token"],
+                                   sealing.unseal(self.key, sealed, DEFAULT_CLIENT_ID)}
+        for value in secrets:
+            for line in capture.lines:
+                self.assertNotIn(value, line)
+
+
+if __name__ == "__main__":
+    unittest.main()
