@@ -1,0 +1,466 @@
+"""Attestation sources (nsm, static, dev-shim), the start-up factory and the HTTP handlers.
+
+Every source answers raw COSE_Sign1 bytes in the AWS Nitro format whose `public_key` is the
+signing identity's DER public key. The dev-shim source is INSECURE by design: it says so in its
+root certificate, its logs and /healthz.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import datetime as dt
+import functools
+import hashlib
+import logging
+import re
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cbor2
+
+from . import cose, devpki, verify
+from .config import NSM_DEVICE, ConfigError
+from .errors import ApiError, EnclaveError
+from .identity import INTENT_CHALLENGE, IdentityError, SigningIdentity
+from .nsm import NsmDevice, NsmError
+
+logger = logging.getLogger(__name__)
+
+CHALLENGE_NONCE_MIN_BYTES = 16  # at least 128 bits, so a nonce cannot be guessed
+CHALLENGE_NONCE_MAX_BYTES = 64
+CHALLENGE_USER_DATA_MAX_BYTES = 512
+DOCUMENT_CACHE_SECONDS = 30.0  # a cached dev-shim document is at most this old
+DEV_SHIM_PCR_COUNT = 16  # like Nitro: PCR0..15, 48 bytes each
+DEV_LEAF_RENEW_BEFORE = dt.timedelta(hours=1)  # minted documents stay verifiable >= 1 h
+CBOR_MAP_MAJOR = 0xA0  # CBOR major type 5 (map) with a count below 24 in the low bits
+MAX_STATIC_DOCUMENT_FILE_BYTES = 64 * 1024  # base64 of a 16 KiB document, with room to spare
+_HEX = re.compile(rb"[0-9a-fA-F]+")
+
+
+class AttestationError(EnclaveError):
+    """The source could not produce a document at run time (the endpoint answers 503)."""
+
+
+class AttestationConfigError(ConfigError):
+    """Attestation cannot start with this configuration (the caller exits 2)."""
+
+    def __init__(self, message: str):
+        super().__init__([message])
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+@functools.lru_cache(maxsize=1)
+def measure_code() -> bytes:
+    """Dev-shim PCR0, measured once per process: SHA-384 of the running zipapp, else
+    measure_tree() of the package's source directory."""
+    package = sys.modules[__package__]
+    archive = getattr(getattr(package, "__loader__", None), "archive", None)  # zipimporter
+    if archive:
+        return hashlib.sha384(Path(archive).read_bytes()).digest()
+    return measure_tree(Path(package.__file__).resolve().parent)
+
+
+def measure_tree(package_dir: Path) -> bytes:
+    """SHA-384 over every <package>/**/*.py sorted by path relative to the package's parent;
+    each file contributes len(path) (8 bytes big-endian), path (UTF-8), len(content) (8 bytes)
+    and content."""
+    digest = hashlib.sha384()
+    files = sorted((p.relative_to(package_dir.parent).as_posix(), p)
+                   for p in package_dir.rglob("*.py"))
+    for rel, path in files:
+        name, content = rel.encode("utf-8"), path.read_bytes()
+        digest.update(len(name).to_bytes(8, "big") + name)
+        digest.update(len(content).to_bytes(8, "big") + content)
+    return digest.digest()
+
+
+def read_document_bytes(data: bytes) -> bytes:
+    """A document given as raw CBOR, base64 (standard or URL-safe) or hex; ValueError if none."""
+    if not data:
+        raise ValueError("empty document")
+    if data[0] in (0x84, 0xD2):  # CBOR array(4) or tag(18): raw COSE_Sign1
+        return bytes(data)
+    text = data.strip()
+    if _HEX.fullmatch(text) and len(text) % 2 == 0:
+        return bytes.fromhex(text.decode("ascii"))
+    try:
+        return verify.decode_b64(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("document is neither raw CBOR, base64 nor hex") from None
+
+
+def payload_fields(document: bytes) -> dict:
+    """The payload map of a document, UNVERIFIED (for describing our own documents)."""
+    return cose.loads_strict(cose.decode_sign1(document).payload)
+
+
+class AttestationSource(abc.ABC):
+    """Where documents come from: name 'nsm', 'static' or 'dev-shim'."""
+
+    name: str = ""
+    nonce_bound: bool = False  # documents carry the caller's nonce and user_data
+    insecure: bool = False
+
+    @abc.abstractmethod
+    def document(self, nonce: bytes | None = None, user_data: bytes | None = None) -> bytes:
+        """Raw COSE_Sign1 bytes; raises AttestationError."""
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class NsmSource(AttestationSource):
+    """Fresh, nonce-bound documents from the Nitro Secure Module."""
+
+    name, nonce_bound, insecure = "nsm", True, False
+
+    def __init__(self, identity: SigningIdentity, device: NsmDevice):
+        self._identity = identity
+        self._device = device
+
+    def document(self, nonce=None, user_data=None) -> bytes:
+        try:
+            return self._device.attestation(user_data=user_data, nonce=nonce,
+                                            public_key=self._identity.public_key_der)
+        except NsmError as exc:
+            raise AttestationError(str(exc)) from None
+
+    def ready(self) -> bool:
+        return self._device.is_open
+
+    def close(self) -> None:
+        self._device.close()
+
+
+class StaticSource(AttestationSource):
+    """One document from a file or inline base64, served as-is (not nonce-bound)."""
+
+    name, nonce_bound = "static", False
+
+    def __init__(self, document: bytes, identity: SigningIdentity, origin: str = "document"):
+        try:
+            fields = payload_fields(document)
+        except cose.CoseError as exc:
+            raise AttestationConfigError(f"{origin}: not a COSE_Sign1 attestation document "
+                                         f"({exc})") from None
+        if not isinstance(fields, dict):
+            raise AttestationConfigError(f"{origin}: the payload is not a CBOR map")
+        public_key = fields.get("public_key")
+        if public_key != identity.public_key_der:
+            got = ("absent" if not isinstance(public_key, bytes)
+                   else f"SHA-256 {hashlib.sha256(public_key).hexdigest()}")
+            raise AttestationConfigError(
+                f"{origin}: the document's public_key does not match the signing identity "
+                f"(expected SHA-256 {identity.fingerprint}, got {got}); the document must be "
+                "minted for TEE_ATTESTATION_SIGNING_PRIVATE_KEY")
+        cabundle = fields.get("cabundle")
+        first = cabundle[0] if isinstance(cabundle, list) and cabundle else None
+        self.insecure = first != verify.nitro_root_der()
+        self._document = bytes(document)
+
+    @classmethod
+    def from_file(cls, path: str, identity: SigningIdentity) -> "StaticSource":
+        origin = "TEE_ATTESTATION_DOCUMENT_PATH"
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_STATIC_DOCUMENT_FILE_BYTES + 1)
+        except OSError as exc:
+            raise AttestationConfigError(f"{origin}: cannot read {path} ({exc.strerror})") from None
+        if len(data) > MAX_STATIC_DOCUMENT_FILE_BYTES:
+            raise AttestationConfigError(f"{origin}: file is larger than "
+                                         f"{MAX_STATIC_DOCUMENT_FILE_BYTES} bytes")
+        try:
+            return cls(read_document_bytes(data), identity, origin)
+        except ValueError as exc:
+            raise AttestationConfigError(f"{origin}: {exc}") from None
+
+    @classmethod
+    def from_base64(cls, text: str, identity: SigningIdentity) -> "StaticSource":
+        origin = "TEE_ATTESTATION_DOCUMENT"
+        try:
+            return cls(verify.decode_b64(text), identity, origin)
+        except ValueError:
+            raise AttestationConfigError(f"{origin}: not base64") from None
+
+    def document(self, nonce=None, user_data=None) -> bytes:
+        return self._document
+
+
+class DevShimSource(AttestationSource):
+    """INSECURE local documents of the exact Nitro shape, signed by a dev leaf (ES384)."""
+
+    name, nonce_bound, insecure = "dev-shim", True, True
+
+    def __init__(self, identity: SigningIdentity, root: devpki.Issued, *, clock=time.time,
+                 module_id: str | None = None):
+        self._identity = identity
+        self._root = root
+        self._clock = clock
+        self.module_id = module_id or f"dev-shim-{secrets.token_hex(8)}"
+        self._pcrs = {i: bytes(verify.SHA384_BYTES) for i in range(DEV_SHIM_PCR_COUNT)}
+        self._pcrs[0] = measure_code()
+        map_header = bytes([CBOR_MAP_MAJOR | len(verify.DOCUMENT_FIELDS)])  # 9 entries: a9
+        self._head = map_header + b"".join(cbor2.dumps(x) for x in (
+            "module_id", self.module_id, "digest", "SHA384", "timestamp"))
+        self._nonce_key = cbor2.dumps("nonce")
+        self._protected = cose.protected_header(cose.ALG_ES384)
+        self._lock = threading.Lock()
+        self._leaf, self._middle = self._issue_leaf()
+
+    @property
+    def root_der(self) -> bytes:
+        return self._root.cert_der
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), dt.timezone.utc)
+
+    def _issue_leaf(self) -> tuple[devpki.Issued, bytes]:
+        """A new leaf and the payload fields that only change with it, pre-encoded."""
+        leaf = devpki.issue_leaf(self._root, self._now(), label=self.module_id)
+        logger.warning("INSECURE dev-shim attestation leaf issued for %s, valid until %s",
+                       self.module_id, leaf.cert.not_valid_after_utc.isoformat())
+        self._renew_at = (leaf.cert.not_valid_after_utc - DEV_LEAF_RENEW_BEFORE).timestamp()
+        middle = b"".join(cbor2.dumps(x) for x in (
+            "pcrs", self._pcrs, "certificate", leaf.cert_der, "cabundle", [self._root.cert_der],
+            "public_key", self._identity.public_key_der, "user_data"))
+        return leaf, middle
+
+    def _current_leaf(self) -> tuple[devpki.Issued, bytes]:
+        with self._lock:
+            if self._clock() >= self._renew_at:
+                self._leaf, self._middle = self._issue_leaf()
+            return self._leaf, self._middle
+
+    def document(self, nonce=None, user_data=None) -> bytes:
+        for name, value in (("nonce", nonce), ("user_data", user_data)):
+            if value is not None and len(value) > verify.MAX_USER_FIELD_BYTES:
+                raise AttestationError(f"{name} is {len(value)} bytes, limit "
+                                       f"{verify.MAX_USER_FIELD_BYTES}")
+        leaf, middle = self._current_leaf()
+        # The CBOR map of the Nitro payload, in the NSM's field order, from pre-encoded parts:
+        # equal to cbor2.dumps({"module_id": ..., "digest": ..., ..., "nonce": nonce}).
+        payload = b"".join((self._head, cbor2.dumps(int(self._clock() * 1000)), middle,
+                            cbor2.dumps(user_data), self._nonce_key, cbor2.dumps(nonce)))
+        signature = cose.sign(leaf.key, cose.ALG_ES384, self._protected, payload)
+        return cose.encode_sign1(self._protected, payload, signature)
+
+
+@dataclass
+class Attestation:
+    """What start-up built: the signing identity and the document source."""
+
+    identity: SigningIdentity
+    source: AttestationSource
+    required: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def insecure(self) -> bool:
+        return self.source.insecure
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _load_identity(settings) -> SigningIdentity:
+    if settings.signing_private_key_pem is not None:
+        try:
+            return SigningIdentity.from_pem(settings.signing_private_key_pem)
+        except IdentityError as exc:
+            raise AttestationConfigError(str(exc)) from None
+    if settings.strict:
+        raise AttestationConfigError("TEE_ATTESTATION_SIGNING_PRIVATE_KEY must be set when "
+                                     f"ALFRED_ENV={settings.env}")
+    identity = SigningIdentity.generate()
+    logger.warning("No TEE_ATTESTATION_SIGNING_PRIVATE_KEY: generated a per-boot %s signing "
+                   "identity (public key SHA-256 %s)", identity.alg_name, identity.fingerprint)
+    return identity
+
+
+def build_attestation(settings, now=None, *, nsm_open=None) -> Attestation:
+    """Load the signing identity and the source chosen by `settings`.
+
+    now: a clock returning Unix seconds (default time.time), used for document timestamps and
+        dev certificates. nsm_open: path -> NsmDevice (default NsmDevice), for a fake device.
+    Raises AttestationConfigError (exit 2) on any misconfiguration.
+    """
+    clock = now or time.time
+    if settings.mode == "disabled":
+        raise AttestationConfigError("ENCLAVE_RUNTIME_MODE=disabled: attestation is off and the "
+                                     "runtime refuses to serve")
+    identity = _load_identity(settings)
+    path, inline = settings.attestation_document_path, settings.attestation_document_b64
+    if settings.mode == "dev-shim":
+        if not settings.allow_insecure_dev_attestation or settings.attestation_required:
+            raise AttestationConfigError(
+                "ENCLAVE_RUNTIME_MODE=dev-shim requires TEE_ALLOW_INSECURE_DEV_ATTESTATION=true "
+                "and TEE_ATTESTATION_REQUIRED=false")
+        if path or inline:
+            logger.warning("dev-shim mode: TEE_ATTESTATION_DOCUMENT(_PATH) is ignored")
+        now_dt = dt.datetime.fromtimestamp(clock(), dt.timezone.utc)
+        try:
+            root = devpki.load_or_create_root(settings.state_dir, now_dt)
+        except devpki.DevPkiError as exc:
+            raise AttestationConfigError(str(exc)) from None
+        source: AttestationSource = DevShimSource(identity, root, clock=clock)
+        logger.warning("INSECURE dev-shim attestation: documents chain to the local dev root in "
+                       "%s; never trust them outside development",
+                       devpki.dev_dir(settings.state_dir))
+    elif path == NSM_DEVICE:
+        try:
+            device = (nsm_open or NsmDevice)(path)
+        except NsmError as exc:
+            raise AttestationConfigError(f"TEE_ATTESTATION_DOCUMENT_PATH: {exc}") from None
+        source = NsmSource(identity, device)
+        try:
+            probe = source.document()
+        except AttestationError as exc:
+            source.close()
+            raise AttestationConfigError(f"TEE_ATTESTATION_DOCUMENT_PATH: {exc}") from None
+        logger.info("NSM attestation ready (%d-byte document)", len(probe))
+    elif path or inline:
+        source = (StaticSource.from_file(path, identity) if path
+                  else StaticSource.from_base64(inline, identity))
+        _check_static(source, settings)
+    else:
+        raise AttestationConfigError("ENCLAVE_RUNTIME_MODE=remote requires "
+                                     "TEE_ATTESTATION_DOCUMENT_PATH or TEE_ATTESTATION_DOCUMENT")
+    logger.info("Attestation source %s, signing identity %s (public key SHA-256 %s)",
+                source.name, identity.alg_name, identity.fingerprint)
+    return Attestation(identity, source, settings.attestation_required)
+
+
+def _check_static(source: StaticSource, settings) -> None:
+    """A static document must verify against the AWS root at its own timestamp when required."""
+    try:
+        verify.verify_document(source.document(), roots=[verify.nitro_root_der()],
+                               at_ms=verify.AT_DOCUMENT_TIME)
+    except verify.VerificationError as exc:
+        if settings.attestation_required:
+            raise AttestationConfigError(f"static attestation document rejected: {exc}") from None
+        logger.warning("static attestation document does not verify against the AWS root: %s",
+                       exc)
+
+
+class AttestationService:
+    """Handlers for GET /v1/attestation/document and POST /v1/attestation/challenge."""
+
+    def __init__(self, attestation: Attestation, metrics=None, *, clock=time.time):
+        self._attestation = attestation
+        self._source = attestation.source
+        self._identity = attestation.identity
+        self._metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict] | None = None
+        if metrics is not None:
+            metrics.describe("enclave_attestation_documents_total", "counter",
+                             "Attestation documents served, by endpoint, source and outcome")
+
+    def _count(self, endpoint: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.inc("enclave_attestation_documents_total",
+                              {"endpoint": endpoint, "source": self._source.name,
+                               "outcome": outcome})
+
+    def _mint(self, endpoint: str, nonce=None, user_data=None) -> bytes:
+        try:
+            document = self._source.document(nonce, user_data)
+        except AttestationError as exc:
+            self._count(endpoint, "error")
+            logger.error("attestation source %s failed: %s", self._source.name, exc)
+            raise ApiError(503, "attestation_unavailable",
+                           "the attestation source could not produce a document") from None
+        self._count(endpoint, "ok")
+        return document
+
+    def _describe(self, document: bytes) -> dict:
+        fields = payload_fields(document)
+        return {
+            "format": "dev-shim" if self._source.insecure else "aws-nitro",
+            "document": _b64(document),
+            "public_key": _b64(fields.get("public_key")),
+            "module_id": fields.get("module_id"),
+            "timestamp_ms": fields.get("timestamp"),
+            "pcrs": {str(k): v.hex() for k, v in sorted(fields.get("pcrs", {}).items())},
+            "insecure": self._source.insecure,
+        }
+
+    def document(self, req) -> tuple[int, dict]:
+        """GET /v1/attestation/document (static and dev-shim documents are cached)."""
+        if self._source.name == "nsm":
+            return 200, self._describe(self._mint("document"))
+        with self._lock:
+            now = self._clock()
+            cached = self._cached
+            fresh = cached is not None and (self._source.name == "static"
+                                            or now - cached[0] < DOCUMENT_CACHE_SECONDS)
+            if fresh:
+                self._count("document", "cached")
+                return 200, dict(cached[1])
+            body = self._describe(self._mint("document"))
+            self._cached = (now, body)
+            return 200, dict(body)
+
+    def challenge(self, req) -> tuple[int, dict]:
+        """POST /v1/attestation/challenge {"nonce": base64 16..64 bytes, "user_data"?: base64}."""
+        body = req.json()
+        nonce = _b64_field(body, "nonce", "invalid_nonce", CHALLENGE_NONCE_MIN_BYTES,
+                           CHALLENGE_NONCE_MAX_BYTES, required=True)
+        user_data = _b64_field(body, "user_data", "invalid_user_data", 0,
+                               CHALLENGE_USER_DATA_MAX_BYTES, required=False)
+        if self._source.nonce_bound:
+            document = self._mint("challenge", nonce, user_data)
+        else:
+            document = self._mint("challenge")
+        evidence = self._identity.sign_claims({
+            "intent": INTENT_CHALLENGE,
+            "nonce": nonce,
+            "document_sha384": hashlib.sha384(document).digest(),
+            "timestamp_ms": int(self._clock() * 1000),
+        })
+        return 200, {
+            "nonce": _b64(nonce),
+            "document": _b64(document),
+            "nonce_bound_document": self._source.nonce_bound,
+            "evidence": _b64(evidence),
+            "public_key": _b64(self._identity.public_key_der),
+        }
+
+    def health(self) -> dict:
+        return {"source": self._source.name, "insecure": self._source.insecure}
+
+    def ready(self) -> bool:
+        return self._source.ready()
+
+
+def _b64_field(body: dict, name: str, code: str, low: int, high: int, *, required: bool):
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, code, f"{name} is required: base64 of {low}..{high} bytes")
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, code, f"{name} must be a base64 string")
+    try:
+        decoded = verify.decode_b64(value)
+    except ValueError:
+        raise ApiError(400, code, f"{name} is not valid base64") from None
+    if not low <= len(decoded) <= high:
+        raise ApiError(400, code, f"{name} must decode to {low}..{high} bytes, "
+                                  f"got {len(decoded)}")
+    return decoded

@@ -1,0 +1,94 @@
+"""A fake Nitro Secure Module: an ioctl with the kernel driver's semantics, for NsmDevice.
+
+The production NsmDevice opens a file and calls ioctl(fd, 0xC0200A00, message, True) with two
+iovecs. This fake reads the request bytes at the request iovec's address, answers in the real
+CBOR format by writing into the response iovec's buffer (ctypes.memmove) and stores the length
+back, truncating answers that do not fit like drivers/misc/nsm.c does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+import tempfile
+import time
+
+import cbor2
+
+from enclave import cose, devpki, nsm
+
+MESSAGE = struct.Struct("=QQQQ")
+MODES = ("ok", "error", "oversized", "errno", "garbage")
+
+
+class FakeNsm:
+    """Answers Attestation requests with documents signed by an INSECURE dev root."""
+
+    def __init__(self, root: devpki.Issued, *, mode: str = "ok", clock=time.time):
+        assert mode in MODES, mode
+        self.mode = mode
+        self.root = root
+        self.leaf = devpki.issue_leaf(root, label="fake-nsm")
+        self.clock = clock
+        self.module_id = "i-0fake0nsm0000000-enc0000000000000000"
+        self.requests: list = []
+        self.fds: list[int] = []
+        fd, self.device_path = tempfile.mkstemp(prefix="fake-nsm-")
+        os.close(fd)
+
+    def cleanup(self) -> None:
+        os.unlink(self.device_path)
+
+    def open(self, path: str = nsm.NSM_DEVICE) -> nsm.NsmDevice:
+        """Stands in for NsmDevice(path): the same class, on a plain file, with this ioctl."""
+        return nsm.NsmDevice(self.device_path, ioctl=self.ioctl)
+
+    def mint(self, request: dict) -> bytes:
+        payload = cbor2.dumps({
+            "module_id": self.module_id,
+            "digest": "SHA384",
+            "timestamp": int(self.clock() * 1000),
+            "pcrs": {i: bytes([i + 1]) * 48 for i in range(16)},
+            "certificate": self.leaf.cert_der,
+            "cabundle": [self.root.cert_der],
+            "public_key": request.get("public_key"),
+            "user_data": request.get("user_data"),
+            "nonce": request.get("nonce"),
+        })
+        protected = cose.protected_header(cose.ALG_ES384)
+        signature = cose.sign(self.leaf.key, cose.ALG_ES384, protected, payload)
+        return cose.encode_sign1(protected, payload, signature)
+
+    def answer(self, request: dict) -> bytes:
+        if self.mode == "error":
+            return cbor2.dumps({"Error": "InvalidArgument"})
+        if self.mode == "oversized":
+            return cbor2.dumps({"Attestation": {"document": bytes(nsm.NSM_RESPONSE_MAX_BYTES)}})
+        if self.mode == "garbage":
+            return cbor2.dumps({"DescribePCR": {"lock": False, "data": b""}})
+        body = request.get("Attestation") if isinstance(request, dict) else None
+        if not isinstance(body, dict):
+            return cbor2.dumps({"Error": "InvalidOperation"})
+        return cbor2.dumps({"Attestation": {"document": self.mint(body)}})
+
+    def ioctl(self, fd: int, request: int, arg, mutate_flag: bool = True) -> int:
+        os.fstat(fd)  # a real open descriptor, as the kernel would require
+        self.fds.append(fd)
+        if request != nsm.NSM_IOCTL_REQUEST:
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+        if not mutate_flag or len(arg) != MESSAGE.size:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        if self.mode == "errno":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        req_addr, req_len, resp_addr, resp_len = MESSAGE.unpack_from(arg)
+        if req_len > nsm.NSM_REQUEST_MAX_BYTES:
+            raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
+        request_msg = cbor2.loads(ctypes.string_at(req_addr, req_len))
+        self.requests.append(request_msg)
+        answer = self.answer(request_msg)
+        written = min(len(answer), resp_len)  # the driver truncates what does not fit
+        ctypes.memmove(resp_addr, answer, written)
+        struct.pack_into("=Q", arg, 24, written)
+        return 0
