@@ -1,0 +1,430 @@
+"""The secrets validator and merger: a trust core that takes bytes and a time and does no I/O.
+
+`parse_delivery(data)` turns the bytes of one delivery into an unverified JSON object.
+`apply_update(current, unverified, now)` validates every key (all-or-nothing) and merges it into
+the current state: keys present replace, absent keys are kept, an explicit `null` clears a key,
+unknown keys reject the whole delivery. Files, TLS contexts and locks live around this module
+(enclave.secretstore); nothing here opens a file or a socket or reads the clock.
+
+Every failure is one subclass of SecretsError with a stable snake_case `code`. Messages name the
+key and say what was expected; they never contain a secret value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from types import MappingProxyType
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from .config import MIN_RPC_SECRET_BYTES, SEALING_KEY_BYTES
+from .errors import EnclaveError
+
+MAX_DELIVERY_BYTES = 256 * 1024  # one delivery; a certificate bundle is a few KiB
+
+MTLS_CLIENT_CERT_JSON = "MTLS_CLIENT_CERT_JSON"
+ECS_WATERMARK_ENDPOINT = "ECS_WATERMARK_ENDPOINT"
+GOOGLE_OAUTH_CLIENT_ID = "GOOGLE_OAUTH_CLIENT_ID"
+GOOGLE_OAUTH_CLIENT_SECRET = "GOOGLE_OAUTH_CLIENT_SECRET"
+ENCLAVE_RPC_SHARED_SECRET = "ENCLAVE_RPC_SHARED_SECRET"
+ENCLAVE_TOKEN_SEALING_KEY = "ENCLAVE_TOKEN_SEALING_KEY"
+# Every key a delivery may carry, in the order validation and `changed` lists use.
+KNOWN_KEYS = (MTLS_CLIENT_CERT_JSON, ECS_WATERMARK_ENDPOINT, GOOGLE_OAUTH_CLIENT_ID,
+              GOOGLE_OAUTH_CLIENT_SECRET, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY)
+MTLS_FIELDS = ("client_cert", "client_key", "ca_cert")
+# A key name is echoed in an error only when it looks like a variable name (a sender could
+# put anything, even a secret, in a key).
+_ECHOABLE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+class SecretsError(EnclaveError):
+    """A refused delivery. `code` is stable snake_case; the message never holds a secret."""
+
+    code = "invalid_secrets"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class MalformedJson(SecretsError):
+    code = "malformed_json"
+
+
+class NotAnObject(SecretsError):
+    code = "not_an_object"
+
+
+class UnknownKey(SecretsError):
+    code = "unknown_key"
+
+
+class InvalidType(SecretsError):
+    code = "invalid_type"
+
+
+class InvalidCertificate(SecretsError):
+    code = "invalid_certificate"
+
+
+class KeyMismatch(SecretsError):
+    code = "key_mismatch"
+
+
+class CertificateExpired(SecretsError):
+    code = "certificate_expired"
+
+
+class CertificateNotYetValid(SecretsError):
+    code = "certificate_not_yet_valid"
+
+
+class InvalidCa(SecretsError):
+    code = "invalid_ca"
+
+
+class InvalidEndpoint(SecretsError):
+    code = "invalid_endpoint"
+
+
+class InvalidSecret(SecretsError):
+    code = "invalid_secret"
+
+
+class TooLarge(SecretsError):
+    code = "too_large"
+
+
+class DeliveryTimeout(SecretsError):
+    code = "timeout"
+
+
+class PeerNotAllowed(SecretsError):
+    code = "peer_not_allowed"
+
+
+class Busy(SecretsError):
+    code = "busy"
+
+
+class StorageFailed(SecretsError):
+    code = "storage_failed"
+
+
+# --- state -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MtlsMaterial:
+    """Validated mTLS material, PEMs re-serialized (so equal material compares equal)."""
+
+    client_cert_pem: bytes  # the leaf first, then any intermediates the sender included
+    client_key_pem: bytes = field(repr=False)  # PKCS#8, unencrypted
+    ca_cert_pem: bytes = field(repr=False)
+    not_before: datetime = field(compare=False, default=None)
+    not_after: datetime = field(compare=False, default=None)
+
+
+@dataclass(frozen=True)
+class SecretsState:
+    """The secrets in force. Replaced as a whole, never mutated."""
+
+    version: int = 0  # +1 per accepted delivery that changed something
+    values: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    updated_at: datetime | None = None  # time of the last change
+    received: bool = False  # a valid delivery has been accepted (even one that changed nothing)
+    previous_rpc_secret: str | None = field(default=None, repr=False)  # kept for a grace period
+    rpc_rotated_at: datetime | None = None
+
+    def get(self, key: str):
+        return self.values.get(key)
+
+    @property
+    def mtls(self) -> MtlsMaterial | None:
+        return self.values.get(MTLS_CLIENT_CERT_JSON)
+
+    @property
+    def mtls_not_after(self) -> datetime | None:
+        material = self.mtls
+        return material.not_after if material else None
+
+
+def initial_state(values: Mapping[str, object]) -> SecretsState:
+    """Version 0 from values already validated elsewhere (configuration, `validate_value`)."""
+    unknown = set(values) - set(KNOWN_KEYS)
+    if unknown:
+        raise UnknownKey(f"unknown keys in initial values: {', '.join(sorted(unknown))}")
+    return SecretsState(values=MappingProxyType({k: v for k, v in values.items() if v is not None}))
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _object_without_duplicates(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError("duplicate key")
+        result[key] = value
+    return result
+
+
+def parse_delivery(data: bytes) -> dict:
+    """The bytes of one delivery as a JSON object (unverified), or a SecretsError."""
+    if len(data) > MAX_DELIVERY_BYTES:
+        raise TooLarge(f"delivery must be at most {MAX_DELIVERY_BYTES} bytes, got {len(data)}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedJson("delivery is not UTF-8 text") from None
+    if not text.strip():
+        raise MalformedJson("delivery is empty: expected one JSON object")
+    try:
+        unverified = json.loads(text, object_pairs_hook=_object_without_duplicates,
+                                parse_constant=_reject_constant)
+    except RecursionError:
+        raise MalformedJson("delivery is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        # The decoder's message names a position, never the document's content.
+        raise MalformedJson(f"delivery is not valid JSON ({exc.msg} at line {exc.lineno} "
+                            f"column {exc.colno})") from None
+    except ValueError as exc:  # from the hooks: duplicate key, NaN/Infinity
+        raise MalformedJson(f"delivery is not valid JSON ({exc})") from None
+    if not isinstance(unverified, dict):
+        raise NotAnObject(f"delivery must be one JSON object, got a JSON {_json_type(unverified)}")
+    return unverified
+
+
+def is_complete_object(buffer: bytes) -> bool:
+    """True when `buffer` ends with a newline after one complete JSON object (no half-close)."""
+    if not buffer.endswith(b"\n") or not buffer.rstrip().endswith(b"}"):
+        return False
+    try:
+        return isinstance(json.loads(buffer.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+# --- per-key validation ----------------------------------------------------------------------
+
+def _require_str(key: str, unverified) -> str:
+    if not isinstance(unverified, str):
+        raise InvalidType(f"{key} must be a string or null, got a JSON {_json_type(unverified)}")
+    if not unverified:
+        raise InvalidType(f"{key} must not be empty (use null to clear it)")
+    return unverified
+
+
+def _utc(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
+    key = MTLS_CLIENT_CERT_JSON
+    if isinstance(unverified, str):  # the original system also sends the object as a string
+        try:
+            unverified = json.loads(unverified, object_pairs_hook=_object_without_duplicates,
+                                    parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise InvalidType(f"{key} as a string must hold a JSON object; "
+                              "it is not valid JSON") from None
+    if not isinstance(unverified, dict):
+        raise InvalidType(f"{key} must be an object with {', '.join(MTLS_FIELDS)} "
+                          f"(or a JSON string holding one), got a JSON {_json_type(unverified)}")
+    extra = sorted(k for k in unverified if k not in MTLS_FIELDS)
+    if extra:
+        shown = ", ".join(k if _ECHOABLE_KEY.match(k) else "<unprintable>" for k in extra)
+        raise UnknownKey(f"{key} has unknown fields ({shown}); expected {', '.join(MTLS_FIELDS)}")
+    pems = {}
+    for name in MTLS_FIELDS:
+        value = unverified.get(name)
+        if not isinstance(value, str) or not value.strip():
+            got = "missing" if name not in unverified else f"a JSON {_json_type(value)}"
+            raise InvalidType(f"{key}.{name} must be a PEM string, got {got}")
+        pems[name] = value.encode("utf-8")
+
+    # (1) the client chain parses; the first certificate is the client's.
+    try:
+        chain = x509.load_pem_x509_certificates(pems["client_cert"])
+    except ValueError:
+        raise InvalidCertificate(f"{key}.client_cert is not a PEM certificate") from None
+    leaf = chain[0]
+    # (2) the key parses, unencrypted.
+    try:
+        private_key = serialization.load_pem_private_key(pems["client_key"], password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InvalidCertificate(f"{key}.client_key is not an unencrypted PEM "
+                                 "private key") from None
+    # (3) the key matches the certificate.
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    try:
+        matches = (private_key.public_key().public_bytes(*spki)
+                   == leaf.public_key().public_bytes(*spki))
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        matches = False
+    if not matches:
+        raise KeyMismatch("client_key does not match client_cert")
+    # (4) the certificate is within its validity period at `now`.
+    not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    if now < not_before:
+        raise CertificateNotYetValid(f"client_cert is valid from {_utc(not_before)}, "
+                                     f"now is {_utc(now)}")
+    if now > not_after:
+        raise CertificateExpired(f"client_cert expired at {_utc(not_after)}, now is {_utc(now)}")
+    # (5) the CA (one or more certificates) parses.
+    try:
+        cas = x509.load_pem_x509_certificates(pems["ca_cert"])
+    except ValueError:
+        raise InvalidCa(f"{key}.ca_cert is not a PEM certificate (or bundle)") from None
+
+    pem = serialization.Encoding.PEM
+    return MtlsMaterial(
+        client_cert_pem=b"".join(c.public_bytes(pem) for c in chain),
+        client_key_pem=private_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()),
+        ca_cert_pem=b"".join(c.public_bytes(pem) for c in cas),
+        not_before=not_before, not_after=not_after,
+    )
+
+
+def _validate_endpoint(unverified) -> str:
+    key = ECS_WATERMARK_ENDPOINT
+    value = _require_str(key, unverified)
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        raise InvalidEndpoint(f"{key} must be an https:// URL with a host; "
+                              "it does not parse") from None
+    if parts.scheme != "https":
+        raise InvalidEndpoint(f"{key} must be an https:// URL, got scheme "
+                              f"{parts.scheme + '://' if parts.scheme else 'none'}")
+    if not parts.hostname:
+        raise InvalidEndpoint(f"{key} must be an https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidEndpoint(f"{key} must not carry credentials")
+    if parts.query or parts.fragment:
+        raise InvalidEndpoint(f"{key} must not have a query or fragment")
+    return value
+
+
+def _validate_rpc_secret(unverified) -> str:
+    key = ENCLAVE_RPC_SHARED_SECRET
+    value = _require_str(key, unverified)
+    size = len(value.encode("utf-8"))
+    if size < MIN_RPC_SECRET_BYTES:
+        raise InvalidSecret(f"{key} must be at least {MIN_RPC_SECRET_BYTES} bytes, got {size}")
+    return value
+
+
+def _validate_sealing_key(unverified) -> bytes:
+    key = ENCLAVE_TOKEN_SEALING_KEY
+    value = _require_str(key, unverified)
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidSecret(f"{key} must be base64") from None
+    if len(raw) != SEALING_KEY_BYTES:
+        raise InvalidSecret(f"{key} must decode to {SEALING_KEY_BYTES} bytes, got {len(raw)}")
+    return raw
+
+
+def validate_value(key: str, unverified, now: datetime):
+    """One key's canonical value (None for an explicit null), or a SecretsError."""
+    if unverified is None:
+        return None
+    if key == MTLS_CLIENT_CERT_JSON:
+        return _validate_mtls(unverified, now)
+    if key == ECS_WATERMARK_ENDPOINT:
+        return _validate_endpoint(unverified)
+    if key in (GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET):
+        return _require_str(key, unverified)
+    if key == ENCLAVE_RPC_SHARED_SECRET:
+        return _validate_rpc_secret(unverified)
+    if key == ENCLAVE_TOKEN_SEALING_KEY:
+        return _validate_sealing_key(unverified)
+    raise UnknownKey(_unknown_message([key]))
+
+
+def _unknown_message(keys) -> str:
+    shown = [k if isinstance(k, str) and _ECHOABLE_KEY.match(k) else "<unprintable>" for k in keys]
+    return f"unknown key {', '.join(sorted(shown))}; expected some of {', '.join(KNOWN_KEYS)}"
+
+
+# --- merge -----------------------------------------------------------------------------------
+
+def apply_update(current: SecretsState, unverified: dict, now: datetime
+                 ) -> tuple[SecretsState, list[str]]:
+    """Validate a whole delivery, then merge it. Returns (new state, changed keys).
+
+    All-or-nothing: the first invalid key raises and nothing is merged. A delivery that changes
+    nothing returns a state with the same version (only `received` may flip to True).
+    Rotating ENCLAVE_RPC_SHARED_SECRET records the previous secret and the time, for a grace
+    period decided by the caller; clearing it (null) is a revocation and keeps no previous one.
+    """
+    if not isinstance(unverified, dict):
+        raise NotAnObject(f"delivery must be one JSON object, got a JSON {_json_type(unverified)}")
+    unknown = [k for k in unverified if k not in KNOWN_KEYS]
+    if unknown:
+        raise UnknownKey(_unknown_message(unknown))
+    validated = {key: validate_value(key, unverified[key], now)
+                 for key in KNOWN_KEYS if key in unverified}
+
+    merged = dict(current.values)
+    for key, value in validated.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    changed = [k for k in KNOWN_KEYS if current.values.get(k) != merged.get(k)]
+    if not changed:
+        return (current if current.received else replace(current, received=True)), []
+
+    previous, rotated_at = current.previous_rpc_secret, current.rpc_rotated_at
+    if ENCLAVE_RPC_SHARED_SECRET in changed:
+        old = current.values.get(ENCLAVE_RPC_SHARED_SECRET)
+        new = merged.get(ENCLAVE_RPC_SHARED_SECRET)
+        previous, rotated_at = (old, now) if new is not None and old is not None else (None, None)
+    state = SecretsState(version=current.version + 1, values=MappingProxyType(merged),
+                         updated_at=now, received=True, previous_rpc_secret=previous,
+                         rpc_rotated_at=rotated_at)
+    return state, changed
+
+
+def rpc_secrets(state: SecretsState, now: datetime, grace_seconds: float) -> list[str]:
+    """The shared secrets an RPC may be signed with: current, then previous within the grace."""
+    secrets = []
+    current = state.values.get(ENCLAVE_RPC_SHARED_SECRET)
+    if current is not None:
+        secrets.append(current)
+    if (state.previous_rpc_secret is not None and state.rpc_rotated_at is not None
+            and 0 <= (now - state.rpc_rotated_at).total_seconds() < grace_seconds):
+        secrets.append(state.previous_rpc_secret)
+    return secrets

@@ -1,0 +1,293 @@
+"""The secrets in force, and the one place that changes them.
+
+`SecretStore.apply` runs under one lock: validate (enclave.secrets, pure) -> stage the
+certificate files (enclave.certstore) -> build a NEW SSLContext from them (enclave.tls) ->
+activate the files -> swap the references. Any failure before the swap refuses the delivery and
+leaves the files, the context and the version as they were.
+
+Readers never lock: `current()` and `mtls()` return immutable snapshots taken by reference, so a
+reader holds either the old or the new context, never a half-built one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from . import certstore, secrets, tls
+from .config import SEALING_KEY_BYTES
+from .metrics import Metrics
+from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
+                      GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
+                      Busy, InvalidCertificate, SecretsError, SecretsState, StorageFailed)
+
+log = logging.getLogger(__name__)
+
+RPC_SECRET_GRACE_S = 300  # a rotated ENCLAVE_RPC_SHARED_SECRET stays valid this long (DESIGN §4)
+APPLY_LOCK_TIMEOUT_S = 10.0  # a second applier waits this long, then gets `busy`
+
+M_DELIVERIES = "enclave_secrets_deliveries_total"
+M_VERSION = "enclave_secrets_version"
+M_MTLS_EXPIRY = "enclave_mtls_cert_expiry_timestamp_seconds"
+
+
+@dataclass(frozen=True)
+class MtlsSnapshot:
+    """What a watermark call needs, taken once per call. `generation` changes on every swap of
+    the context or the endpoint: a pooled connection from another generation is not reused."""
+
+    context: ssl.SSLContext | None
+    endpoint: str | None
+    generation: int
+    not_after: datetime | None
+
+    @property
+    def configured(self) -> bool:
+        return self.context is not None
+
+
+@dataclass(frozen=True)
+class GoogleCredentials:
+    client_id: str
+    client_secret: str = field(repr=False)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+class SecretStore:
+    """Holds the current SecretsState and the mTLS snapshot; applies deliveries one at a time."""
+
+    def __init__(self, settings, metrics: Metrics | None = None, now_fn=None, *,
+                 lock_timeout_s: float = APPLY_LOCK_TIMEOUT_S, before_swap=None):
+        """Initial values come from `settings` (environment; local). An invalid
+        MTLS_CLIENT_CERT_JSON there raises SecretsError (the caller exits 2).
+
+        `before_swap(new_state, changed)`, for tests only, runs under the lock after the new
+        context is built and before anything becomes visible.
+        """
+        self._settings = settings
+        self._certs_dir = settings.certs_dir
+        self._metrics = metrics or Metrics()
+        self._now = now_fn or _utc_now
+        self._lock = threading.Lock()
+        self._lock_timeout_s = lock_timeout_s
+        self._before_swap = before_swap
+        self._received = threading.Event()
+        self._describe_metrics()
+
+        values = {
+            ECS_WATERMARK_ENDPOINT: settings.ecs_watermark_endpoint,
+            GOOGLE_OAUTH_CLIENT_ID: settings.google_client_id,
+            GOOGLE_OAUTH_CLIENT_SECRET: settings.google_client_secret,
+            ENCLAVE_RPC_SHARED_SECRET: settings.rpc_shared_secret,
+            ENCLAVE_TOKEN_SEALING_KEY: settings.token_sealing_key,
+        }
+        if values[ENCLAVE_TOKEN_SEALING_KEY] is None and not settings.strict:
+            # Generated per boot outside staging/production (DESIGN §3).
+            values[ENCLAVE_TOKEN_SEALING_KEY] = os.urandom(SEALING_KEY_BYTES)
+        # Secrets the environment supplied (local): the runtime is usable without a delivery.
+        self._env_supplied = any(v is not None for v in (
+            settings.mtls_client_cert_json, settings.ecs_watermark_endpoint,
+            settings.google_client_id, settings.google_client_secret))
+        context = None
+        if settings.mtls_client_cert_json is not None:
+            try:
+                material = secrets.validate_value(MTLS_CLIENT_CERT_JSON,
+                                                  settings.mtls_client_cert_json, self._now())
+            except SecretsError as exc:
+                raise type(exc)(f"MTLS_CLIENT_CERT_JSON from the environment: "
+                                f"{exc.message}") from None
+            values[MTLS_CLIENT_CERT_JSON] = material
+            context = self._install_certificates(material)
+            log.info("Loaded mTLS certificates from the environment (not after %s)",
+                     _iso(material.not_after))
+        self._state = secrets.initial_state(values)
+        self._mtls = MtlsSnapshot(context, self._state.get(ECS_WATERMARK_ENDPOINT), 0,
+                                  self._state.mtls_not_after)
+
+    # --- readers (no lock: each returns one immutable snapshot) ---------------------------------
+
+    def current(self) -> SecretsState:
+        return self._state
+
+    @property
+    def version(self) -> int:
+        return self._state.version
+
+    def mtls(self) -> MtlsSnapshot:
+        return self._mtls
+
+    def rpc_secrets(self, now: datetime | float | None = None) -> list[str]:
+        """The current shared secret, then the previous one for RPC_SECRET_GRACE_S after a
+        rotation. `now` is a datetime or unix seconds (default: the store's clock)."""
+        if now is None:
+            now = self._now()
+        elif not isinstance(now, datetime):
+            now = datetime.fromtimestamp(now, timezone.utc)
+        return secrets.rpc_secrets(self._state, now, RPC_SECRET_GRACE_S)
+
+    def google_credentials(self) -> GoogleCredentials | None:
+        state = self._state
+        client_id = state.get(GOOGLE_OAUTH_CLIENT_ID)
+        client_secret = state.get(GOOGLE_OAUTH_CLIENT_SECRET)
+        if client_id is None or client_secret is None:
+            return None
+        return GoogleCredentials(client_id, client_secret)
+
+    def sealing_key(self) -> bytes | None:
+        return self._state.get(ENCLAVE_TOKEN_SEALING_KEY)
+
+    def health(self) -> dict:
+        """The `secrets` and `mtls` parts of /healthz. Never a secret value."""
+        state, snapshot = self._state, self._mtls
+        return {
+            "secrets": {"received": state.received, "version": state.version,
+                        "updated_at": _iso(state.updated_at)},
+            "mtls": {"configured": snapshot.configured, "not_after": _iso(snapshot.not_after)},
+        }
+
+    def ready(self) -> bool:
+        """Secrets are usable: a delivery was accepted, or the environment supplied them."""
+        return self._state.received or self._env_supplied
+
+    def wait_first(self, timeout: float) -> bool:
+        """Block until the first valid delivery (True) or the timeout (False)."""
+        return self._received.wait(timeout)
+
+    # --- the writer -------------------------------------------------------------------------
+
+    def deliver(self, data: bytes, peer: str = "") -> dict:
+        """Parse and apply one delivery; the ack to send back (never holds a secret)."""
+        try:
+            state, changed = self.apply(secrets.parse_delivery(data))
+        except SecretsError as exc:
+            return self.refuse(exc, peer)
+        except Exception:  # a bug must not kill the listener, nor answer with internals
+            log.exception("Secrets delivery from %s failed unexpectedly", peer or "?")
+            return self.refuse(SecretsError("internal error; the delivery was not applied"), peer,
+                               code="internal_error")
+        self._metrics.inc(M_DELIVERIES, {"result": "accepted"})
+        return {"ok": True, "version": state.version, "changed": changed}
+
+    def refuse(self, exc: SecretsError, peer: str = "", code: str | None = None) -> dict:
+        """Count and log a refused delivery; the error ack."""
+        code = code or exc.code
+        self._metrics.inc(M_DELIVERIES, {"result": "refused", "reason": code})
+        log.warning("Refused secrets delivery from %s: %s (%s)", peer or "?", code, exc.message)
+        return {"ok": False, "version": self._state.version,
+                "error": {"code": code, "message": exc.message}}
+
+    def apply(self, unverified: dict) -> tuple[SecretsState, list[str]]:
+        """Validate and apply an unverified delivery object; SecretsError changes nothing."""
+        if not self._lock.acquire(timeout=self._lock_timeout_s):
+            raise Busy("another delivery is being applied; try again")
+        try:
+            return self._apply_locked(unverified)
+        finally:
+            self._lock.release()
+
+    def _apply_locked(self, unverified: dict) -> tuple[SecretsState, list[str]]:
+        current, snapshot = self._state, self._mtls
+        new_state, changed = secrets.apply_update(current, unverified, self._now())
+        if not changed:
+            self._commit(new_state, snapshot)
+            log.info("Received secrets update (no change, version %d)", new_state.version)
+            return new_state, changed
+
+        staged = None
+        try:
+            if MTLS_CLIENT_CERT_JSON in changed or ECS_WATERMARK_ENDPOINT in changed:
+                context = snapshot.context
+                if MTLS_CLIENT_CERT_JSON in changed:
+                    material = new_state.mtls
+                    if material is None:
+                        context = None
+                    else:
+                        staged = self._stage(material)
+                        context = self._build_context(staged)
+                snapshot = MtlsSnapshot(context, new_state.get(ECS_WATERMARK_ENDPOINT),
+                                        snapshot.generation + 1, new_state.mtls_not_after)
+            if self._before_swap is not None:
+                self._before_swap(new_state, changed)
+            if MTLS_CLIENT_CERT_JSON in changed:
+                try:
+                    if staged is not None:
+                        certstore.activate(self._certs_dir, staged)
+                    else:
+                        certstore.clear(self._certs_dir)
+                except certstore.CertStoreError as exc:
+                    raise StorageFailed(str(exc)) from None
+                staged = None  # live now: never discard
+        except BaseException:
+            if staged is not None and not certstore.is_live(self._certs_dir, staged):
+                certstore.discard(staged)
+            raise
+        self._commit(new_state, snapshot)
+        log.info("Received secrets update (version %d, changed: %s)", new_state.version,
+                 ", ".join(changed))
+        if MTLS_CLIENT_CERT_JSON in changed:
+            if snapshot.configured:
+                log.info("Successfully updated certificates (not after %s)",
+                         _iso(snapshot.not_after))
+            else:
+                log.info("mTLS certificates cleared")
+        return new_state, changed
+
+    def _commit(self, state: SecretsState, snapshot: MtlsSnapshot) -> None:
+        # The swap: two reference assignments; each reader takes one snapshot of each.
+        self._mtls = snapshot
+        self._state = state
+        self._received.set()
+
+    def _stage(self, material) -> certstore.CertFiles:
+        try:
+            return certstore.stage(self._certs_dir, material.client_cert_pem,
+                                   material.client_key_pem, material.ca_cert_pem)
+        except certstore.CertStoreError as exc:
+            raise StorageFailed(str(exc)) from None
+
+    @staticmethod
+    def _build_context(files: certstore.CertFiles) -> ssl.SSLContext:
+        try:
+            return tls.create_mtls_context(files.ca_cert, files.client_cert, files.client_key)
+        except ssl.SSLError as exc:
+            # OpenSSL's reason (e.g. EE_KEY_TOO_SMALL) names a rule, never key material.
+            raise InvalidCertificate(f"the TLS library refused the certificates "
+                                     f"({exc.reason or 'unknown reason'})") from None
+        except OSError as exc:
+            raise StorageFailed(f"cannot read the written certificates: {exc.strerror}") from None
+
+    def _install_certificates(self, material) -> ssl.SSLContext:
+        """Start-up path (environment): stage, build, activate."""
+        staged = self._stage(material)
+        try:
+            context = self._build_context(staged)
+            certstore.activate(self._certs_dir, staged)
+        except BaseException as exc:
+            if not certstore.is_live(self._certs_dir, staged):
+                certstore.discard(staged)
+            if isinstance(exc, certstore.CertStoreError):
+                raise StorageFailed(str(exc)) from None
+            raise
+        return context
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def _describe_metrics(self) -> None:
+        m = self._metrics
+        m.describe(M_DELIVERIES, "counter", "Secrets deliveries by result and refusal reason")
+        m.describe(M_VERSION, "gauge", "Version of the secrets in force (0: none delivered)")
+        m.describe(M_MTLS_EXPIRY, "gauge", "mTLS client certificate notAfter, unix seconds")
+        m.gauge_fn(M_VERSION, lambda: self._state.version)
+        m.gauge_fn(M_MTLS_EXPIRY,
+                   lambda: self._mtls.not_after.timestamp() if self._mtls.not_after else None)

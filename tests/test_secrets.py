@@ -1,0 +1,316 @@
+"""The secrets validator and merger (enclave.secrets): bytes and a time in, no I/O."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import json
+import logging
+import random
+import unittest
+
+from enclave import secrets
+from enclave.secrets import SecretsState, apply_update, parse_delivery
+from tests.fakes.pki import TestCA
+
+NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+RPC_SECRET = "r" * 40
+OTHER_RPC_SECRET = "s" * 40
+SEALING_KEY_B64 = base64.b64encode(bytes(range(32))).decode()
+
+_CA: TestCA | None = None
+
+
+def shared_ca() -> TestCA:
+    """One CA for the whole run (key generation is the slow part)."""
+    global _CA
+    if _CA is None:
+        _CA = TestCA("Enclave Secrets Test CA")
+    return _CA
+
+
+def mtls_object(issued=None, *, key_pem: bytes | None = None, ca_pem: bytes | None = None) -> dict:
+    """An MTLS_CLIENT_CERT_JSON object for a client certificate from the test CA."""
+    issued = issued or shared_ca().issue("enclave-client")
+    return {"client_cert": issued.cert_pem.decode(),
+            "client_key": (key_pem or issued.key_pem).decode(),
+            "ca_cert": (ca_pem or shared_ca().cert_pem).decode()}
+
+
+def quiet_enclave_logs(test: unittest.TestCase) -> None:
+    """Keep expected warnings (refused deliveries) off the test output; assertLogs still works."""
+    handler, logger = logging.NullHandler(), logging.getLogger("enclave")
+    logger.addHandler(handler)
+    test.addCleanup(logger.removeHandler, handler)
+
+
+def secret_strings(payload: dict) -> list[str]:
+    """Every secret value in a payload, as substrings that must never show up in a message."""
+    found = []
+    for key, value in payload.items():
+        if key == "MTLS_CLIENT_CERT_JSON" and isinstance(value, dict):
+            key_pem = value.get("client_key") or ""
+            # The base64 body of the key, line by line: no part of it may leak.
+            found += [line for line in key_pem.splitlines() if line and "-----" not in line]
+        elif key in ("GOOGLE_OAUTH_CLIENT_SECRET", "ENCLAVE_RPC_SHARED_SECRET",
+                     "ENCLAVE_TOKEN_SEALING_KEY") and isinstance(value, str) and len(value) >= 6:
+            found.append(value)
+    return found
+
+
+class ParseDeliveryTest(unittest.TestCase):
+    def test_refused_bytes(self):
+        rng = random.Random(1)
+        cases = [
+            ("random bytes", bytes(rng.randrange(256) for _ in range(512)), "malformed_json"),
+            ("truncated JSON", b'{"GOOGLE_OAUTH_CLIENT_ID": "abc', "malformed_json"),
+            ("a JSON array", b'["GOOGLE_OAUTH_CLIENT_ID"]', "not_an_object"),
+            ("a JSON string", b'"hello"', "not_an_object"),
+            ("a JSON null", b"null", "not_an_object"),
+            ("empty", b"", "malformed_json"),
+            ("only whitespace", b" \n\t ", "malformed_json"),
+            ("two objects", b'{}\n{}', "malformed_json"),
+            ("NaN", b'{"x": NaN}', "malformed_json"),
+            ("duplicate key", b'{"GOOGLE_OAUTH_CLIENT_ID": "a", "GOOGLE_OAUTH_CLIENT_ID": "b"}',
+             "malformed_json"),
+            ("deep nesting", b"[" * 100_000, "malformed_json"),
+            ("300 KiB", b'{"GOOGLE_OAUTH_CLIENT_ID": "' + b"a" * (300 * 1024) + b'"}', "too_large"),
+        ]
+        for name, data, code in cases:
+            with self.subTest(name):
+                with self.assertRaises(secrets.SecretsError) as caught:
+                    parse_delivery(data)
+                self.assertEqual(caught.exception.code, code)
+                self.assertTrue(caught.exception.message)
+
+    def test_accepts_an_object_with_or_without_newline(self):
+        self.assertEqual(parse_delivery(b'{"a": 1}'), {"a": 1})
+        self.assertEqual(parse_delivery(b'{"a": 1}\r\n'), {"a": 1})
+        self.assertEqual(parse_delivery(b"{}"), {})
+
+    def test_exactly_the_limit_is_accepted(self):
+        head, tail = b'{"GOOGLE_OAUTH_CLIENT_ID": "', b'"}'
+        data = head + b"a" * (secrets.MAX_DELIVERY_BYTES - len(head) - len(tail)) + tail
+        self.assertEqual(len(data), secrets.MAX_DELIVERY_BYTES)
+        parse_delivery(data)
+        with self.assertRaises(secrets.TooLarge):
+            parse_delivery(data + b" ")
+
+    def test_is_complete_object(self):
+        cases = [
+            (b'{"a": 1}\n', True),
+            (b'{"a": {"b": 2}}\r\n', True),
+            (b'{"a": 1}', False),  # no newline yet: wait for more or for EOF
+            (b'{"a": {\n', False),
+            (b'{"a": {"b": 2}\n', False),  # a nested object closed, the outer one not
+            (b'[1]\n', False),
+            (b'\xff}\n', False),
+        ]
+        for data, expected in cases:
+            with self.subTest(data=data):
+                self.assertIs(secrets.is_complete_object(data), expected)
+
+
+class ApplyUpdateRefusalTest(unittest.TestCase):
+    def test_refused_payloads(self):
+        ca = shared_ca()
+        good = ca.issue("enclave-client")
+        other = ca.issue("someone-else")
+        expired = ca.issue("expired", not_before=NOW - dt.timedelta(days=10),
+                           not_after=NOW - dt.timedelta(days=1))
+        future = ca.issue("future", not_before=NOW + dt.timedelta(days=1),
+                          not_after=NOW + dt.timedelta(days=10))
+        encrypted_key = good.key.private_bytes(
+            secrets.serialization.Encoding.PEM, secrets.serialization.PrivateFormat.PKCS8,
+            secrets.serialization.BestAvailableEncryption(b"passphrase"))
+        mtls = "MTLS_CLIENT_CERT_JSON"
+        cases = [
+            ("unknown key", {"GOOGLE_OAUTH_CLIENT_IDD": "x"}, "unknown_key"),
+            ("unknown key with a secret in its name", {"ghp_" + "x" * 80: 1}, "unknown_key"),
+            ("google id not a string", {"GOOGLE_OAUTH_CLIENT_ID": 5}, "invalid_type"),
+            ("google secret a list", {"GOOGLE_OAUTH_CLIENT_SECRET": ["a"]}, "invalid_type"),
+            ("google secret empty", {"GOOGLE_OAUTH_CLIENT_SECRET": ""}, "invalid_type"),
+            ("rpc secret a number", {"ENCLAVE_RPC_SHARED_SECRET": 12345}, "invalid_type"),
+            ("rpc secret too short", {"ENCLAVE_RPC_SHARED_SECRET": "short-secret-123"},
+             "invalid_secret"),
+            ("sealing key not base64", {"ENCLAVE_TOKEN_SEALING_KEY": "not base64!!"},
+             "invalid_secret"),
+            ("sealing key 16 bytes",
+             {"ENCLAVE_TOKEN_SEALING_KEY": base64.b64encode(b"k" * 16).decode()}, "invalid_secret"),
+            ("endpoint http", {"ECS_WATERMARK_ENDPOINT": "http://watermark.internal:8080"},
+             "invalid_endpoint"),
+            ("endpoint without host", {"ECS_WATERMARK_ENDPOINT": "https://"}, "invalid_endpoint"),
+            ("endpoint no scheme", {"ECS_WATERMARK_ENDPOINT": "watermark.internal:8080"},
+             "invalid_endpoint"),
+            ("endpoint with credentials",
+             {"ECS_WATERMARK_ENDPOINT": "https://user:hunter2hunter2@watermark.internal"},
+             "invalid_endpoint"),
+            ("endpoint bad port", {"ECS_WATERMARK_ENDPOINT": "https://host:99999"},
+             "invalid_endpoint"),
+            ("endpoint a number", {"ECS_WATERMARK_ENDPOINT": 443}, "invalid_type"),
+            ("mtls a number", {mtls: 1}, "invalid_type"),
+            ("mtls a string that is not JSON", {mtls: "{client_cert:"}, "invalid_type"),
+            ("mtls missing ca_cert", {mtls: {k: v for k, v in mtls_object(good).items()
+                                             if k != "ca_cert"}}, "invalid_type"),
+            ("mtls unknown field", {mtls: {**mtls_object(good), "password": "x"}}, "unknown_key"),
+            ("cert not PEM", {mtls: {**mtls_object(good), "client_cert": "garbage"}},
+             "invalid_certificate"),
+            ("key not PEM", {mtls: {**mtls_object(good), "client_key": "garbage"}},
+             "invalid_certificate"),
+            ("key encrypted", {mtls: mtls_object(good, key_pem=encrypted_key)},
+             "invalid_certificate"),
+            ("key not matching certificate", {mtls: mtls_object(good, key_pem=other.key_pem)},
+             "key_mismatch"),
+            ("expired certificate", {mtls: mtls_object(expired)}, "certificate_expired"),
+            ("certificate not yet valid", {mtls: mtls_object(future)}, "certificate_not_yet_valid"),
+            ("CA not PEM", {mtls: mtls_object(good, ca_pem=b"not a PEM certificate")}, "invalid_ca"),
+            ("CA is a key", {mtls: mtls_object(good, ca_pem=good.key_pem)}, "invalid_ca"),
+            # All-or-nothing: one good key does not get through with a bad one.
+            ("good and bad together", {"GOOGLE_OAUTH_CLIENT_ID": "fine",
+                                       "ECS_WATERMARK_ENDPOINT": "http://x"}, "invalid_endpoint"),
+        ]
+        current = SecretsState()
+        for name, payload, code in cases:
+            with self.subTest(name):
+                with self.assertRaises(secrets.SecretsError) as caught:
+                    apply_update(current, payload, NOW)
+                error = caught.exception
+                self.assertEqual(error.code, code, error.message)
+                for secret in secret_strings(payload) + ["hunter2hunter2", "ghp_"]:
+                    self.assertNotIn(secret, error.message)
+
+    def test_not_an_object(self):
+        with self.assertRaises(secrets.NotAnObject):
+            apply_update(SecretsState(), ["x"], NOW)
+
+    def test_every_error_class_has_its_own_code(self):
+        classes = [c for c in vars(secrets).values()
+                   if isinstance(c, type) and issubclass(c, secrets.SecretsError)]
+        codes = [c.code for c in classes]
+        self.assertEqual(len(codes), len(set(codes)))
+        for code in codes:
+            self.assertRegex(code, r"^[a-z]+(_[a-z]+)*$")
+
+
+class ApplyUpdateMergeTest(unittest.TestCase):
+    def test_merge_replace_keep_clear(self):
+        state, changed = apply_update(SecretsState(), {
+            "GOOGLE_OAUTH_CLIENT_ID": "id-1", "GOOGLE_OAUTH_CLIENT_SECRET": "secret-1",
+            "ECS_WATERMARK_ENDPOINT": "https://wm.internal:8443"}, NOW)
+        self.assertEqual((state.version, state.received, state.updated_at), (1, True, NOW))
+        self.assertEqual(changed, ["ECS_WATERMARK_ENDPOINT", "GOOGLE_OAUTH_CLIENT_ID",
+                                   "GOOGLE_OAUTH_CLIENT_SECRET"])
+        later = NOW + dt.timedelta(minutes=5)
+        state2, changed = apply_update(state, {"GOOGLE_OAUTH_CLIENT_ID": "id-2",
+                                               "ECS_WATERMARK_ENDPOINT": None}, later)
+        self.assertEqual(changed, ["ECS_WATERMARK_ENDPOINT", "GOOGLE_OAUTH_CLIENT_ID"])
+        self.assertEqual(state2.version, 2)
+        self.assertEqual(state2.updated_at, later)
+        self.assertEqual(state2.get("GOOGLE_OAUTH_CLIENT_ID"), "id-2")  # replaced
+        self.assertEqual(state2.get("GOOGLE_OAUTH_CLIENT_SECRET"), "secret-1")  # kept
+        self.assertIsNone(state2.get("ECS_WATERMARK_ENDPOINT"))  # cleared
+        self.assertNotIn("ECS_WATERMARK_ENDPOINT", state2.values)
+        # The old state is untouched (frozen, values read-only).
+        self.assertEqual(state.get("ECS_WATERMARK_ENDPOINT"), "https://wm.internal:8443")
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            state.version = 9
+        with self.assertRaises(TypeError):
+            state.values["GOOGLE_OAUTH_CLIENT_ID"] = "x"
+
+    def test_identical_redelivery_is_a_no_op(self):
+        obj = mtls_object()
+        payload = {"MTLS_CLIENT_CERT_JSON": obj, "ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET}
+        state, changed = apply_update(SecretsState(), payload, NOW)
+        self.assertEqual(state.version, 1)
+        again, changed = apply_update(state, payload, NOW + dt.timedelta(hours=1))
+        self.assertEqual(changed, [])
+        self.assertIs(again, state)  # same version, same object, same updated_at
+        # The same material as a JSON string (the original system sends both forms).
+        as_string, changed = apply_update(state, {"MTLS_CLIENT_CERT_JSON": json.dumps(obj)}, NOW)
+        self.assertEqual((as_string.version, changed), (1, []))
+        # Clearing a key that is not set changes nothing either.
+        cleared, changed = apply_update(state, {"GOOGLE_OAUTH_CLIENT_ID": None}, NOW)
+        self.assertEqual((cleared.version, changed), (1, []))
+
+    def test_empty_first_delivery_counts_as_received(self):
+        state, changed = apply_update(SecretsState(), {}, NOW)
+        self.assertEqual((state.version, state.received, changed), (0, True, []))
+
+    def test_mtls_material_is_canonical_and_dated(self):
+        issued = shared_ca().issue("enclave-client")
+        obj = mtls_object(issued)
+        obj["client_cert"] = "junk before the PEM\n" + obj["client_cert"] + "\n\n"
+        state, _ = apply_update(SecretsState(), {"MTLS_CLIENT_CERT_JSON": obj}, NOW)
+        material = state.mtls
+        self.assertEqual(material.client_cert_pem, issued.cert_pem)
+        self.assertEqual(material.not_after, issued.cert.not_valid_after_utc)
+        self.assertEqual(state.mtls_not_after, issued.cert.not_valid_after_utc)
+        self.assertTrue(material.client_key_pem.startswith(b"-----BEGIN PRIVATE KEY-----"))
+
+    def test_ca_bundle_of_two_certificates(self):
+        bundle = shared_ca().cert_pem + TestCA("Second CA").cert_pem
+        state, _ = apply_update(SecretsState(),
+                                {"MTLS_CLIENT_CERT_JSON": mtls_object(ca_pem=bundle)}, NOW)
+        self.assertEqual(state.mtls.ca_cert_pem.count(b"BEGIN CERTIFICATE"), 2)
+
+    def test_validity_is_judged_at_now(self):
+        issued = shared_ca().issue("enclave-client", not_before=NOW - dt.timedelta(hours=1),
+                                 not_after=NOW + dt.timedelta(hours=1))
+        payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(issued)}
+        apply_update(SecretsState(), payload, NOW)
+        with self.assertRaises(secrets.CertificateExpired):
+            apply_update(SecretsState(), payload, NOW + dt.timedelta(hours=2))
+        with self.assertRaises(secrets.CertificateNotYetValid):
+            apply_update(SecretsState(), payload, NOW - dt.timedelta(hours=2))
+
+    def test_values_are_canonical(self):
+        state, _ = apply_update(SecretsState(), {"ENCLAVE_TOKEN_SEALING_KEY": SEALING_KEY_B64,
+                                                 "ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET}, NOW)
+        self.assertEqual(state.get("ENCLAVE_TOKEN_SEALING_KEY"), bytes(range(32)))
+        self.assertEqual(state.get("ENCLAVE_RPC_SHARED_SECRET"), RPC_SECRET)
+
+    def test_repr_never_shows_a_secret(self):
+        payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(), "ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET,
+                   "GOOGLE_OAUTH_CLIENT_SECRET": "google-client-secret-value",
+                   "ENCLAVE_TOKEN_SEALING_KEY": SEALING_KEY_B64}
+        state, _ = apply_update(SecretsState(), payload, NOW)
+        state, _ = apply_update(state, {"ENCLAVE_RPC_SHARED_SECRET": OTHER_RPC_SECRET}, NOW)
+        text = repr(state) + repr(state.mtls) + str(state)
+        for secret in secret_strings(payload) + [OTHER_RPC_SECRET]:
+            self.assertNotIn(secret, text)
+
+
+class RpcRotationTest(unittest.TestCase):
+    GRACE = 300
+
+    def test_rotation_keeps_the_previous_secret_for_the_grace_period(self):
+        state = secrets.initial_state({"ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET})
+        self.assertEqual(secrets.rpc_secrets(state, NOW, self.GRACE), [RPC_SECRET])
+        rotated, changed = apply_update(state, {"ENCLAVE_RPC_SHARED_SECRET": OTHER_RPC_SECRET}, NOW)
+        self.assertEqual(changed, ["ENCLAVE_RPC_SHARED_SECRET"])
+        at = lambda seconds: NOW + dt.timedelta(seconds=seconds)  # noqa: E731
+        self.assertEqual(secrets.rpc_secrets(rotated, at(0), self.GRACE),
+                         [OTHER_RPC_SECRET, RPC_SECRET])
+        self.assertEqual(secrets.rpc_secrets(rotated, at(299), self.GRACE),
+                         [OTHER_RPC_SECRET, RPC_SECRET])
+        self.assertEqual(secrets.rpc_secrets(rotated, at(300), self.GRACE), [OTHER_RPC_SECRET])
+        self.assertEqual(secrets.rpc_secrets(rotated, at(-1), self.GRACE), [OTHER_RPC_SECRET])
+        # An unrelated change keeps the rotation record.
+        later, _ = apply_update(rotated, {"GOOGLE_OAUTH_CLIENT_ID": "x"}, at(10))
+        self.assertEqual(secrets.rpc_secrets(later, at(20), self.GRACE),
+                         [OTHER_RPC_SECRET, RPC_SECRET])
+
+    def test_clearing_revokes_without_grace(self):
+        state = secrets.initial_state({"ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET})
+        cleared, changed = apply_update(state, {"ENCLAVE_RPC_SHARED_SECRET": None}, NOW)
+        self.assertEqual(changed, ["ENCLAVE_RPC_SHARED_SECRET"])
+        self.assertEqual(secrets.rpc_secrets(cleared, NOW, self.GRACE), [])
+
+    def test_initial_state_rejects_unknown_keys(self):
+        with self.assertRaises(secrets.UnknownKey):
+            secrets.initial_state({"NOPE": "x"})
+
+
+if __name__ == "__main__":
+    unittest.main()
