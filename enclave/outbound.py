@@ -146,6 +146,7 @@ class OutboundClient:
         self._pools: dict[tuple[str, int], _HostPool] = {}
         self._lock = threading.Lock()
         self.connections_opened = 0  # new TLS connections (to prove reuse)
+        self._closed = False  # after close(), connections are never pooled again
 
     # -- pool ------------------------------------------------------------------------------
     def _pool(self, key: tuple[str, int]) -> _HostPool:
@@ -169,14 +170,15 @@ class OutboundClient:
     def _give_back(self, pool: _HostPool, conn: _EgressHTTPSConnection) -> None:
         conn.last_used = time.monotonic()
         with self._lock:
-            if self.reuse and len(pool.idle) < MAX_IDLE_PER_HOST:
+            if self.reuse and not self._closed and len(pool.idle) < MAX_IDLE_PER_HOST:
                 pool.idle.append(conn)
                 return
         conn.close()
 
     def close(self) -> None:
-        """Close every idle connection (in-flight ones close when they finish)."""
+        """Close every idle connection; in-flight ones finish, then close instead of pooling."""
         with self._lock:
+            self._closed = True
             conns = [c for pool in self._pools.values() for c in pool.idle]
             for pool in self._pools.values():
                 pool.idle.clear()

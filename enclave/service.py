@@ -64,9 +64,14 @@ def build_services(settings: Settings, metrics: Metrics):
     outbound = OutboundClient(connector, ca_file=settings.outbound_ca_file)
     authenticator = RpcAuthenticator(store.rpc_secrets, settings.rpc_max_skew_s, metrics,
                                      allow_local_default_secret=settings.env == "local")
-    google = GoogleOAuth(store.google_credentials, store.sealing_key, outbound,
-                         settings.google_token_url, settings.google_revoke_url, metrics)
-    watermark = WatermarkService(store, attestation.identity, connector, metrics)
+    def google_credentials():
+        creds = store.google_credentials()
+        return (creds.client_id, creds.client_secret) if creds else None
+
+    google = GoogleOAuth(google_credentials, store.sealing_key,
+                         outbound, settings.google_token_url, settings.google_revoke_url, metrics)
+    watermark = WatermarkService(store, attestation.identity, connector, metrics,
+                                 path=settings.ecs_watermark_path)
     service = AttestationService(attestation, metrics)
     return Runtime(settings, metrics=metrics, attestation=service, store=store, google=google,
                    watermark=watermark, authenticator=authenticator)
@@ -83,7 +88,8 @@ def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     listener.bind()
     threads = [listener.start()]
     try:
-        wait_for_initial(runtime.store, settings.secrets_initial_timeout_s)
+        wait_for_initial(runtime.store, settings.secrets_initial_timeout_s,
+                         via=listener.address.family.upper())
         http = HttpServer(settings.http_listen, runtime.router(), metrics=metrics,
                           authenticator=runtime.authenticator)
     except BaseException:

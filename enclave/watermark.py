@@ -1,0 +1,117 @@
+"""POST /v1/rpc/watermark: forward to the ECS watermark service over mTLS, sign the result.
+
+The mTLS context comes from the secret store as an immutable snapshot per call. Connections are
+pooled per context generation: after a rotation no pooled connection of the old context is
+reused, while requests in flight on it finish normally (their connections are then closed).
+The answer is {"result": <upstream JSON>, "signature": <base64 COSE_Sign1>} signed by the attested
+identity over {"intent": "watermark/v1", "timestamp_ms", "request_sha256", "response_sha256"}
+(see enclave.identity for how the digests are computed).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+
+from .errors import ApiError
+from .identity import INTENT_WATERMARK, SigningIdentity, canonical_json, sha256
+from .outbound import OutboundClient, UpstreamTimeout, UpstreamTLSError, OutboundError
+from .request import Request
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_TIMEOUT_S = 10.0  # DESIGN §5: an upstream that takes longer answers 504
+UPSTREAM_METRIC = "enclave_upstream_seconds"
+
+
+class WatermarkService:
+    def __init__(self, store, identity: SigningIdentity, connector, metrics, *, path: str,
+                 timeout_s: float = UPSTREAM_TIMEOUT_S, clock=time.time):
+        self.store = store
+        self.identity = identity
+        self.connector = connector
+        self.metrics = metrics
+        self.path = path
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._generation = None
+        self._client: OutboundClient | None = None
+        metrics.describe("enclave_watermark_requests_total", "counter",
+                         "watermark RPCs by outcome")
+
+    def _client_for(self, snapshot) -> OutboundClient:
+        """The pool of this context generation; an older pool is retired (never reused)."""
+        with self._lock:
+            if self._generation != snapshot.generation or self._client is None:
+                old = self._client
+                self._client = OutboundClient(self.connector, context=snapshot.context,
+                                              timeout_s=self.timeout_s)
+                self._generation = snapshot.generation
+                if old is not None:
+                    old.close()
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = None
+
+    def _fail(self, outcome: str, exc: ApiError) -> ApiError:
+        self.metrics.inc("enclave_watermark_requests_total", {"outcome": outcome})
+        return exc
+
+    def handle(self, req: Request):
+        snapshot = self.store.mtls()
+        if not snapshot.configured:
+            raise self._fail("not_configured", ApiError(
+                503, "mtls_not_configured", "client certificates have not been delivered yet"))
+        if not snapshot.endpoint:
+            raise self._fail("not_configured", ApiError(
+                503, "watermark_endpoint_not_configured",
+                "ECS_WATERMARK_ENDPOINT has not been delivered yet"))
+        req.json()  # the body must be a JSON object (400 otherwise); forwarded byte for byte
+        url = snapshot.endpoint.rstrip("/") + self.path
+        client = self._client_for(snapshot)
+        started = time.perf_counter()
+        try:
+            response = client.request("POST", url, req.body, {"Content-Type": "application/json"})
+        except UpstreamTimeout:
+            raise self._fail("timeout", ApiError(
+                504, "upstream_timeout", f"the watermark service did not answer within "
+                f"{self.timeout_s:g} s")) from None
+        except UpstreamTLSError as exc:
+            log.warning("watermark mTLS failed: %s", exc)
+            raise self._fail("tls_error", ApiError(
+                502, "upstream_tls_error", "the mTLS connection to the watermark service failed"
+            )) from None
+        except OutboundError as exc:
+            log.warning("watermark upstream unavailable: %s", exc)
+            raise self._fail("unavailable", ApiError(
+                502, "upstream_unavailable", "the watermark service could not be reached")) from None
+        finally:
+            self.metrics.observe(UPSTREAM_METRIC, time.perf_counter() - started,
+                                 {"upstream": "watermark"})
+        if not 200 <= response.status < 300:
+            raise self._fail("upstream_status", ApiError(
+                502, "upstream_error",
+                f"the watermark service answered HTTP {response.status}",
+                {"X-Upstream-Status": str(response.status)}))
+        try:
+            result = json.loads(response.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise self._fail("upstream_invalid", ApiError(
+                502, "upstream_invalid_response", "the watermark service answered non-JSON")) from None
+        claims = {
+            "intent": INTENT_WATERMARK,
+            "timestamp_ms": int(self.clock() * 1000),
+            "request_sha256": sha256(req.body),
+            "response_sha256": sha256(canonical_json(result)),
+        }
+        signature = self.identity.sign_claims(claims)
+        self.metrics.inc("enclave_watermark_requests_total", {"outcome": "ok"})
+        return 200, {"result": result, "signature": base64.b64encode(signature).decode("ascii")}
