@@ -3,9 +3,15 @@
 Usage: python -m tests.run [-v] [PATTERN_OR_MODULE ...]
 """
 
+import logging
+import os
 import sys
+import tempfile
 import time
 import unittest
+
+# The runtime logs a lot by design; the suite keeps those lines in a file, not on the console.
+LOG_FILE = os.path.join(tempfile.gettempdir(), "enclave-tests.log")
 
 
 class CountingResult(unittest.TextTestResult):
@@ -20,6 +26,10 @@ class CountingResult(unittest.TextTestResult):
 
 def main(argv: list[str]) -> int:
     verbosity = 2 if "-v" in argv else 1
+    handler = logging.FileHandler(LOG_FILE, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
     names = [a for a in argv if a != "-v"]
     loader = unittest.TestLoader()
     if names:
@@ -33,7 +43,7 @@ def main(argv: list[str]) -> int:
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     sys.stderr.flush()
-    print(f"suite took {time.monotonic() - started:.1f}s")
+    print(f"suite took {time.monotonic() - started:.1f}s; runtime logs in {LOG_FILE}")
     print(f"{result.passed} passed, {failed} failed, {skipped} skipped")
     if result.testsRun == 0:
         print("no test ran")
