@@ -44,6 +44,7 @@ def main() -> None:
     kind, port_file = sys.argv[1], sys.argv[2]
     server = ThreadingHTTPServer(("127.0.0.1", 0), Tuned if kind == "tuned" else Default)
     server.daemon_threads = True
+    server.handle_error = lambda request, address: None  # wrk resets connections at the end
     with open(port_file, "w") as f:
         f.write(str(server.server_address[1]))
     server.serve_forever()

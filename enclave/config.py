@@ -263,6 +263,8 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
     token_url = r.url("GOOGLE_OAUTH_TOKEN_URL", GOOGLE_TOKEN_URL)
     revoke_url = r.url("GOOGLE_OAUTH_REVOKE_URL", GOOGLE_REVOKE_URL)
     ca_file = r.raw("ENCLAVE_OUTBOUND_CA_FILE")
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        r.problems.append("ENCLAVE_OUTBOUND_CA_FILE: file not found or not readable")
     sealing_key = _sealing_key(r)
     egress_routes = r.raw("ENCLAVE_EGRESS_ROUTES")
     try:

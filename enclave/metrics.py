@@ -37,6 +37,15 @@ class Metrics:
                 return
             series[key] = value if replace else series.get(key, 0.0) + value
 
+    def add_many(self, items) -> None:
+        """Several counter increments under one lock: [(name, labels, value), ...]."""
+        with self._lock:
+            for name, labels, value in items:
+                series = self._values.setdefault(name, {})
+                key = _key(labels)
+                if key in series or len(series) < MAX_SERIES_PER_METRIC:
+                    series[key] = series.get(key, 0.0) + value
+
     def inc(self, name: str, labels: dict | None = None, value: float = 1.0) -> None:
         self._add(name, labels, value, replace=False)
 

@@ -140,13 +140,23 @@ class OutboundClient:
                  context: ssl.SSLContext | None = None, reuse: bool = True,
                  timeout_s: float = DEFAULT_TIMEOUT_S):
         self.connector = connector or Connector()
-        self.context = context or create_outbound_context(ca_file)
+        self._context = context
+        self._ca_file = ca_file
         self.reuse = reuse
         self.timeout_s = timeout_s
         self._pools: dict[tuple[str, int], _HostPool] = {}
         self._lock = threading.Lock()
         self.connections_opened = 0  # new TLS connections (to prove reuse)
         self._closed = False  # after close(), connections are never pooled again
+
+    def context(self) -> ssl.SSLContext:
+        """The TLS context, built on first use: loading the system trust store costs ~40 ms,
+        which start-up should not pay before the first outbound call."""
+        if self._context is None:
+            with self._lock:
+                if self._context is None:
+                    self._context = create_outbound_context(self._ca_file)
+        return self._context
 
     # -- pool ------------------------------------------------------------------------------
     def _pool(self, key: tuple[str, int]) -> _HostPool:
@@ -221,7 +231,7 @@ class OutboundClient:
         while True:
             try:
                 if conn is None:
-                    conn = _EgressHTTPSConnection(host, port, context=self.context,
+                    conn = _EgressHTTPSConnection(host, port, context=self.context(),
                                                   connector=self.connector,
                                                   timeout=deadline.remaining())
                 must_close, response = self._exchange(conn, method, target, body, headers,

@@ -4,9 +4,41 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from email.message import Message
 
 from .errors import ApiError
+
+
+class Headers:
+    """Request headers: case-insensitive names, every value kept in order (a minimal Message)."""
+
+    __slots__ = ("_items", "_index")
+
+    def __init__(self, items: list[tuple[str, str]]):
+        self._items = items
+        index: dict[str, list[str]] = {}
+        for name, value in items:
+            index.setdefault(name.lower(), []).append(value)
+        self._index = index
+
+    def get(self, name: str, default=None):
+        values = self._index.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str, failobj=None):
+        values = self._index.get(name.lower())
+        return list(values) if values else failobj
+
+    def __getitem__(self, name: str):
+        return self.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._index
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -15,7 +47,7 @@ class Request:
     target: str  # the request target exactly as sent: path and query
     path: str
     query: dict[str, list[str]]
-    headers: Message
+    headers: Headers
     body: bytes = b""
     client: tuple = ()
     # Filled by the server after a successful HMAC check (routes with auth=True).

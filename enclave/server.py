@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import re
 import socket
 import socketserver
 import threading
@@ -22,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 from .addresses import Address
 from .errors import ApiError
 from .metrics import Metrics
-from .request import Request
+from .request import Headers, Request
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,24 @@ IDLE_TIMEOUT_SECONDS = 10.0  # a keep-alive connection silent this long is close
 MAX_CONNECTIONS = 64  # concurrent connections; the 65th gets 503 and is closed
 MAX_BODY_BYTES = 64 * 1024  # default POST body limit
 MAX_REQUEST_LINE_BYTES = 8192  # longer request lines answer 414
+MAX_HEADER_LINE_BYTES = 8192  # one header line; longer answers 431
+MAX_HEADER_COUNT = 100  # header lines per request (http.client's own limit); more answers 431
 DRAIN_SECONDS = 5.0  # on shutdown, in-flight requests get this long to finish
 OVERFLOW_WRITE_SECONDS = 1.0  # how long the accept thread may spend telling a client "busy"
 LISTEN_BACKLOG = 128
 JSON_TYPE = "application/json"
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: methods, header names
+
 Handler = Callable[[Request], "tuple[int, dict]"]
+
+
+class BadRequest(Exception):
+    """A request head we refuse to parse; the connection is closed after the answer."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 @dataclass(frozen=True)
@@ -120,12 +133,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def send_json(self, status: int, value, extra: dict | None = None) -> None:
         self._send(status, json_bytes(value), JSON_TYPE, extra)
 
-    def send_error(self, code, message=None, explain=None):  # used by parse_request
-        self.close_connection = True
-        reason = {400: "bad_request", 414: "request_line_too_long", 431: "headers_too_large",
-                  505: "http_version_not_supported", 501: "not_implemented"}.get(code, "bad_request")
-        self._send(code, error_body(reason, message or HTTPStatus(code).phrase))
-
     def log_message(self, fmt, *args):  # route http.server's own messages into logging
         log.debug("%s " + fmt, self.address_string(), *args)
 
@@ -133,26 +140,23 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         client = self.client_address
         return str(client[0]) if isinstance(client, tuple) and client else "-"
 
-    # -- request loop ------------------------------------------------------------
+    # -- request loop ------------------------------------------------------------------
     def handle_one_request(self):
+        """Read one request head (strictly), dispatch it, answer in one write."""
         self._status = 0
+        self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
         try:
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
-        except (TimeoutError, OSError):
-            self.close_connection = True
-            return
-        if not self.raw_requestline:
-            self.close_connection = True
-            return
-        if len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES:
-            self.requestline = ""
-            self.request_version = "HTTP/1.1"
-            self.command = ""
-            self.send_error(414, "request line too long")
-            return
-        try:
-            if not self.parse_request():
+            line = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+            if not line:
+                self.close_connection = True
                 return
+            if len(line) > MAX_REQUEST_LINE_BYTES:
+                raise BadRequest(414, "request_line_too_long", "request line too long")
+            self._parse_head(line)
+        except BadRequest as exc:
+            self.close_connection = True
+            self._send(exc.status, error_body(exc.code, exc.message))
+            return
         except (TimeoutError, OSError):
             self.close_connection = True
             return
@@ -170,10 +174,55 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if self._status:
                 self.server.record(self.command, label, self._status, time.perf_counter() - started)
 
+    def _parse_head(self, line: bytes) -> None:
+        """Request line and headers per RFC 9112, refusing what smuggling attacks rely on:
+        obs-fold continuation lines, whitespace before the colon, non-token names."""
+        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
+        if len(parts) != 3:
+            raise BadRequest(400, "bad_request", "malformed request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            if version.startswith("HTTP/"):
+                raise BadRequest(505, "http_version_not_supported", "use HTTP/1.1")
+            raise BadRequest(400, "bad_request", "malformed request line")
+        if not _TOKEN.fullmatch(method) or not target.startswith("/"):
+            raise BadRequest(400, "bad_request", "malformed request line")
+        self.command, self.path, self.request_version = method, target, version
+        self.requestline = f"{method} {target} {version}"
+        items = []
+        readline = self.rfile.readline
+        while True:
+            raw = readline(MAX_HEADER_LINE_BYTES + 1)
+            if len(raw) > MAX_HEADER_LINE_BYTES:
+                raise BadRequest(431, "headers_too_large", "a header line is too long")
+            if raw in (b"\r\n", b"\n"):
+                break
+            if not raw:
+                raise ConnectionError("client closed inside the request head")
+            if raw[0] in b" \t":
+                raise BadRequest(400, "bad_request", "folded header lines are not accepted")
+            name, sep, value = raw.decode("latin-1").partition(":")
+            if not sep or not _TOKEN.fullmatch(name):
+                raise BadRequest(400, "bad_request", "malformed header line")
+            items.append((name, value.strip(" \t\r\n")))
+            if len(items) > MAX_HEADER_COUNT:
+                raise BadRequest(431, "headers_too_large", "too many header lines")
+        self.headers = headers = Headers(items)
+        connection = (headers.get("Connection") or "").lower()
+        if version == "HTTP/1.0":
+            self.close_connection = "keep-alive" not in connection
+        else:
+            self.close_connection = "close" in connection
+
     def _dispatch(self) -> str:
         self._body_consumed = True
-        split = urlsplit(self.path)
-        route, allowed = self.server.router.match(self.command, split.path)
+        target = self.path
+        if "?" in target or "#" in target:
+            split = urlsplit(target)
+            path, query = split.path, parse_qs(split.query)
+        else:
+            path, query = target, {}
+        route, allowed = self.server.router.match(self.command, path)
         if route is None:
             self._discard_body()
             if not allowed:
@@ -182,10 +231,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._send(405, error_body("method_not_allowed",
                                        f"use {', '.join(allowed)} for this endpoint"),
                        extra={"Allow": ", ".join(allowed)})
-            return split.path
+            return path
         try:
-            request = Request(self.command, self.path, split.path, parse_qs(split.query),
-                              self.headers, b"", self.client_address)
+            request = Request(self.command, target, path, query, self.headers, b"",
+                              self.client_address)
             self._read_body(route, request)
             status, *rest = route.handler(request)
             if route.raw:
@@ -236,6 +285,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if content_type != JSON_TYPE:
             raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
         pending = self._precheck(request) if route.auth else None
+        if length and (self.headers.get("Expect") or "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for this
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             self.close_connection = True
@@ -355,9 +406,11 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self._idle.notify_all()
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.metrics.inc("enclave_http_requests_total",
-                         {"method": method, "route": route, "status": str(status)})
-        self.metrics.observe("enclave_http_request_seconds", seconds, {"route": route})
+        self.metrics.add_many((
+            ("enclave_http_requests_total", {"method": method, "route": route, "status": str(status)}, 1.0),
+            ("enclave_http_request_seconds_count", {"route": route}, 1.0),
+            ("enclave_http_request_seconds_sum", {"route": route}, seconds),
+        ))
 
     def drain(self, timeout: float = DRAIN_SECONDS) -> bool:
         """Stop accepting, let in-flight requests finish (bounded), then close idle connections."""

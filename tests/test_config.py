@@ -161,6 +161,8 @@ class FailClosed(unittest.TestCase):
              {"ALFRED_ENV": "test", "ENCLAVE_RPC_SHARED_SECRET": LOCAL_DEFAULT_RPC_SECRET},
              "ENCLAVE_RPC_SHARED_SECRET"),
             ("test env without a secret", {"ALFRED_ENV": "test"}, "ENCLAVE_RPC_SHARED_SECRET"),
+            ("unreadable outbound CA", {"ENCLAVE_OUTBOUND_CA_FILE": "/nonexistent/ca.pem"},
+             "ENCLAVE_OUTBOUND_CA_FILE"),
             ("bad egress route", {"ENCLAVE_EGRESS_ROUTES": "oauth2.googleapis.com=vsock:3:8443"},
              "ENCLAVE_EGRESS_ROUTES"),
             ("remote without a document", {"ENCLAVE_RUNTIME_MODE": "remote"},

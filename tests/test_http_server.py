@@ -124,6 +124,15 @@ class Answers(unittest.TestCase):
             ("request line too long",
              raw_exchange(self.port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"), 414),
             ("not HTTP", raw_exchange(self.port, b"hello there\r\n\r\n"), 400),
+            ("HTTP/2.0 request line", raw_exchange(self.port, b"GET /healthz HTTP/2.0\r\n\r\n"), 505),
+            ("folded header line", raw_exchange(
+                self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n continued\r\n\r\n"), 400),
+            ("space before the colon", raw_exchange(
+                self.port, b"GET /healthz HTTP/1.1\r\nContent-Length : 0\r\n\r\n"), 400),
+            ("header line too long", raw_exchange(
+                self.port, b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n"), 431),
+            ("too many headers", raw_exchange(
+                self.port, b"GET /healthz HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n"), 431),
         ]
         for name, data, status in cases:
             with self.subTest(name):
@@ -131,6 +140,19 @@ class Answers(unittest.TestCase):
                 self.assertEqual(got, status)
                 self.assertIn("error", json.loads(body))
                 self.assertEqual(headers["content-type"], "application/json")
+
+    def test_http_1_0_closes_and_expect_100_continue_is_answered(self):
+        data = raw_exchange(self.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+        status, headers, _ = parse_raw_response(data)
+        self.assertEqual((status, headers.get("connection")), (200, "close"))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 8\r\nExpect: 100-continue\r\n\r\n")
+            self.assertEqual(sock.recv(4096), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b'{"a": 1}')
+            time.sleep(0.1)
+            status, _, body = parse_raw_response(sock.recv(65536))
+        self.assertEqual((status, json.loads(body)), (200, {"echo": {"a": 1}}))
 
     def test_metrics_count_requests_by_route_and_status(self):
         http_call(self.port, "GET", "/healthz")
