@@ -27,7 +27,7 @@ run: $(STAMP) tools
 zipapp:
 	$(PYTHON) scripts/build_zipapp.py dist/enclave.pyz
 
-smoke:
+smoke: $(STAMP) tools
 	scripts/smoke.sh
 
 bench: $(STAMP) zipapp
@@ -37,6 +37,7 @@ bench: $(STAMP) zipapp
 lint: $(STAMP)
 	$(PY) -m compileall -q enclave tests bench scripts
 	bash -n scripts/*.sh
+	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh; else echo "shellcheck not installed: skipped"; fi
 
 clean:
 	rm -rf dist build bench/results.json

@@ -43,6 +43,19 @@ def watermark_for(body: dict) -> dict:
     return {"watermark": mark, "algorithm": "fake-hmac-sha256"}
 
 
+DRAIN_SECONDS = 1.0  # after a refused handshake, how long we read the client's bytes
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(DRAIN_SECONDS)
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT_SECONDS
@@ -50,7 +63,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         raw = self.request
-        self.request = self.server.context.wrap_socket(raw, server_side=True)
+        try:
+            self.request = self.server.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            # The alert is sent; read what the client already wrote before closing, so the
+            # kernel does not answer with a reset that could overtake the alert.
+            _drain(raw)
+            raise
         der = self.request.getpeercert(binary_form=True)
         self.client_cn = None
         if der:

@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# The whole local stack in one command (DESIGN.md section 11), what `make run` calls:
+# dev PKI, the fake Google (HTTPS), the fake ECS watermark service (mTLS), the runtime in
+# INSECURE dev-shim mode, and the secrets delivered through the secrets listener.
+#
+# Usage: scripts/start-local.sh           start in the foreground; Ctrl-C (or SIGTERM) stops all
+#        scripts/start-local.sh --stop    stop a stack started from another terminal
+#
+# Environment (defaults in brackets; the README examples use the defaults):
+#   LOCAL_STATE_DIR [.local]       dev PKI, dev attestation root, logs, pid files (relative
+#                                  paths are relative to the repository)
+#   LOCAL_RUNTIME_PORT [8181]  LOCAL_SECRETS_PORT [7777]
+#   LOCAL_GOOGLE_PORT [9443]   LOCAL_WATERMARK_PORT [9444]
+#   LOCAL_READY_TIMEOUT [60]       seconds to wait for /healthz?ready=1
+#   ENCLAVE_RPC_SHARED_SECRET      [the local development secret]
+#   ENCLAVE_LOG_FORMAT, ENCLAVE_LOG_LEVEL, TEE_ATTESTATION_SIGNING_PRIVATE_KEY,
+#   ENCLAVE_TOKEN_SEALING_KEY      passed to the runtime when set
+# Exit: 0 after a clean stop, 1 when something fails or a stack is already running, 2 on usage.
+set -euo pipefail
+
+readonly PROG="${0##*/}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly REPO
+readonly STOP_GRACE_S=10       # the runtime drains for up to 5 s, then joins its threads
+readonly CHILD_START_S=20      # a fake service or the secrets listener must be up by then
+readonly POLL_S=0.2
+readonly FAKE_CLIENT_ID="local-dev-client.apps.googleusercontent.com"
+readonly FAKE_CLIENT_SECRET="local-dev-client-secret"  # the fake's: not a real credential
+readonly DEFAULT_RPC_SECRET="local-dev-enclave-rpc-secret"
+
+usage() { echo "usage: $PROG [--stop]   (Ctrl-C stops a foreground stack)" >&2; exit 2; }
+
+mode=start
+case "${1-}" in
+  "") ;;
+  --stop) mode=stop ;;
+  -h|--help) echo "usage: $PROG [--stop]   (Ctrl-C stops a foreground stack)"; exit 0 ;;
+  *) usage ;;
+esac
+[ "$#" -le 1 ] || usage
+
+cd "$REPO"
+state="${LOCAL_STATE_DIR:-.local}"
+mkdir -p "$state"
+state="$(cd "$state" && pwd)"
+runtime_port="${LOCAL_RUNTIME_PORT:-8181}"
+secrets_port="${LOCAL_SECRETS_PORT:-7777}"
+google_port="${LOCAL_GOOGLE_PORT:-9443}"
+watermark_port="${LOCAL_WATERMARK_PORT:-9444}"
+ready_timeout="${LOCAL_READY_TIMEOUT:-60}"
+for value in "$runtime_port" "$secrets_port" "$google_port" "$watermark_port"; do
+  if ! [[ "$value" =~ ^[0-9]{1,5}$ ]] || [ "$value" -lt 1 ] || [ "$value" -gt 65535 ]; then
+    echo "$PROG: ports must be numbers in 1..65535, got '$value'" >&2
+    exit 2
+  fi
+done
+[[ "$ready_timeout" =~ ^[0-9]+$ ]] || { echo "$PROG: LOCAL_READY_TIMEOUT must be seconds" >&2; exit 2; }
+
+stop_hint="$0 --stop"
+[ "$state" = "$REPO/.local" ] || stop_hint="LOCAL_STATE_DIR=$state $0 --stop"
+readonly RUN_PID="$state/run.pid" PIDS="$state/pids" LOGS="$state/logs" PKI="$state/pki"
+readonly SECRETS_FILE="$state/secrets.local.json"
+CHILDREN=(runtime fake-watermark fake-google)  # stop order: the runtime drains first
+killed=0  # set when a child had to be killed (exit 1)
+
+pattern_of() {
+  case "$1" in
+    runtime) echo "enclave.py serve" ;;
+    fake-watermark) echo "tests.fakes.fake_watermark" ;;
+    fake-google) echo "tests.fakes.fake_google" ;;
+    script) echo "start-local.sh" ;;
+  esac
+}
+alive() { [[ "${1-}" =~ ^[0-9]+$ ]] && kill -0 "$1" 2>/dev/null; }
+ours() {  # pid name: alive AND still the program we started (pid files can outlive pids)
+  alive "$1" || return 1
+  command -v ps >/dev/null 2>&1 || return 0
+  ps -p "$1" -o args= 2>/dev/null | grep -qF -- "$(pattern_of "$2")"
+}
+pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
+rel() { case "$1" in "$REPO"/*) printf '%s' "${1#"$REPO"/}" ;; *) printf '%s' "$1" ;; esac; }
+
+stop_children() {
+  # TERM every recorded child, wait (bounded) for them to exit, KILL what is left.
+  local name pid deadline pending
+  for name in "${CHILDREN[@]}"; do
+    pid="$(pid_of "$name")"
+    if ours "$pid" "$name"; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done
+  deadline=$((SECONDS + STOP_GRACE_S))
+  while :; do
+    pending=()
+    for name in "${CHILDREN[@]}"; do
+      pid="$(pid_of "$name")"
+      if ours "$pid" "$name"; then pending+=("$name"); fi
+    done
+    [ "${#pending[@]}" -gt 0 ] || break
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      for name in "${pending[@]}"; do
+        echo "$PROG: $name did not stop within ${STOP_GRACE_S}s; killing it" >&2
+        kill -KILL "$(pid_of "$name")" 2>/dev/null || true
+        killed=1
+      done
+      break
+    fi
+    sleep "$POLL_S"
+  done
+  wait 2>/dev/null || true  # reap our own children
+  for name in "${CHILDREN[@]}"; do rm -f "$PIDS/$name.pid"; done
+}
+
+if [ "$mode" = stop ]; then
+  pid="$(cat "$RUN_PID" 2>/dev/null || true)"
+  if ours "$pid" script; then
+    kill -TERM "$pid"
+    for ((i = 0; i < (STOP_GRACE_S + 5) * 5; i++)); do alive "$pid" || break; sleep "$POLL_S"; done
+    if alive "$pid"; then echo "$PROG: the stack (pid $pid) did not stop" >&2; exit 1; fi
+    echo "$PROG: stopped the local stack (pid $pid)"
+  else
+    echo "$PROG: no local stack is running (no live pid in $(rel "$RUN_PID"))"
+  fi
+  stop_children  # leftovers of a stack whose script was killed with -9
+  rm -f "$RUN_PID"
+  exit 0
+fi
+
+# --- preconditions --------------------------------------------------------------------
+py="$REPO/.venv/bin/python"
+if [ ! -x "$py" ]; then
+  echo "$PROG: $py not found: run \`make run\` (it creates the venv first)" >&2
+  exit 1
+fi
+for tool in curl openssl socat; do
+  command -v "$tool" >/dev/null 2>&1 \
+    || { echo "$PROG: $tool is required (make tools installs it)" >&2; exit 1; }
+done
+if [ ! -x "$REPO/scripts/gen-dev-certs.sh" ] || [ ! -x "$REPO/scripts/send-secrets.sh" ]; then
+  echo "$PROG: scripts/gen-dev-certs.sh and scripts/send-secrets.sh are required" >&2
+  exit 1
+fi
+
+old="$(cat "$RUN_PID" 2>/dev/null || true)"
+if ours "$old" script; then
+  running_url="$(cat "$state/base_url" 2>/dev/null || echo "http://127.0.0.1:$runtime_port")"
+  echo "$PROG: a local stack is already running (pid $old, $(rel "$RUN_PID"))." >&2
+  echo "$PROG: use it (curl -s $running_url/healthz), or stop it first:" \
+       "Ctrl-C in its terminal, or ${stop_hint}" >&2
+  exit 1
+fi
+leftovers=()
+for name in "${CHILDREN[@]}"; do
+  pid="$(pid_of "$name")"
+  if ours "$pid" "$name"; then leftovers+=("$name=$pid"); fi
+done
+if [ "${#leftovers[@]}" -gt 0 ]; then
+  echo "$PROG: processes of an earlier stack are still running (${leftovers[*]});" \
+       "stop them with: $stop_hint" >&2
+  exit 1
+fi
+# A port taken by anything else would fail later and obscurely: say which one now.
+if ! busy="$("$py" - "runtime=$runtime_port" "secrets=$secrets_port" "fake-google=$google_port" \
+    "fake-watermark=$watermark_port" <<'PY'
+import socket, sys
+busy = []
+for item in sys.argv[1:]:
+    name, port = item.split("=")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError:
+            busy.append(f"{port} ({name})")
+if len(set(p.split("=")[1] for p in sys.argv[1:])) != len(sys.argv) - 1:
+    busy.append("the four ports must differ")
+print(", ".join(busy))
+PY
+)"; then
+  echo "$PROG: cannot check the ports" >&2
+  exit 1
+fi
+if [ -n "$busy" ]; then
+  echo "$PROG: in use on 127.0.0.1: $busy. Another stack or service holds it; stop it or" \
+       "choose other ports (LOCAL_RUNTIME_PORT, LOCAL_SECRETS_PORT, LOCAL_GOOGLE_PORT," \
+       "LOCAL_WATERMARK_PORT)" >&2
+  exit 1
+fi
+
+# --- from here on, everything started is stopped on exit -------------------------------
+mkdir -p "$PIDS" "$LOGS"
+rm -f "$RUN_PID"  # stale: its process is gone (checked above)
+if ! (set -o noclobber; printf '%s\n' "$$" >"$RUN_PID") 2>/dev/null; then
+  echo "$PROG: another local stack is starting right now ($(rel "$RUN_PID") appeared)" >&2
+  exit 1
+fi
+printf '%s\n' "http://127.0.0.1:$runtime_port" >"$state/base_url"
+stopping=0
+on_exit() {
+  local code=$?
+  trap - EXIT INT TERM
+  [ "$stopping" -eq 1 ] || echo "$PROG: stopping the local stack" >&2
+  stopping=1
+  stop_children
+  [ "$(cat "$RUN_PID" 2>/dev/null || true)" != "$$" ] || rm -f "$RUN_PID" "$state/base_url"
+  echo "$PROG: stopped" >&2
+  [ "$killed" -eq 0 ] || code=1
+  exit "$code"
+}
+# Ctrl-C and SIGTERM are the normal way to stop: exit 0 when everything stopped in time (like
+# `serve`, DESIGN.md section 2), 1 when something had to be killed.
+on_signal() { stopping=1; echo; echo "$PROG: $1: stopping the local stack" >&2; exit 0; }
+trap on_exit EXIT
+trap 'on_signal SIGINT' INT
+trap 'on_signal SIGTERM' TERM
+
+die() {
+  echo "$PROG: $*" >&2
+  exit 1
+}
+
+child_failed() {  # name: say it died, show the end of its log
+  echo "$PROG: $1 exited; the end of $(rel "$LOGS/$1.log"):" >&2
+  tail -n 15 "$LOGS/$1.log" >&2 || true
+  exit 1
+}
+
+wait_listening() {  # name port: bounded wait until a child accepts TCP connections
+  local deadline=$((SECONDS + CHILD_START_S))
+  while ! (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; do
+    alive "$(pid_of "$1")" || child_failed "$1"
+    [ "$SECONDS" -lt "$deadline" ] || die "$1 is not listening on port $2 after ${CHILD_START_S}s"
+    sleep "$POLL_S"
+  done
+}
+
+# 1. dev PKI (kept across runs while valid) and the secrets to deliver
+"$REPO/scripts/gen-dev-certs.sh" --endpoint "https://127.0.0.1:$watermark_port" "$PKI" \
+  >"$LOGS/pki.log" 2>&1 || { cat "$LOGS/pki.log" >&2; die "scripts/gen-dev-certs.sh failed"; }
+"$py" - "$PKI/secrets.json" "$SECRETS_FILE" "$FAKE_CLIENT_ID" "$FAKE_CLIENT_SECRET" <<'PY'
+import json, os, sys
+source, target, client_id, client_secret = sys.argv[1:]
+with open(source) as fh:
+    payload = json.load(fh)  # MTLS_CLIENT_CERT_JSON and ECS_WATERMARK_ENDPOINT
+payload["GOOGLE_OAUTH_CLIENT_ID"] = client_id
+payload["GOOGLE_OAUTH_CLIENT_SECRET"] = client_secret
+tmp = target + ".tmp"
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+with os.fdopen(fd, "w") as fh:
+    json.dump(payload, fh, indent=2, sort_keys=True)
+    fh.write("\n")
+os.replace(tmp, target)
+PY
+
+# 2. the fakes
+"$py" -m tests.fakes.fake_google --port "$google_port" --cert "$PKI/server.crt" \
+  --key "$PKI/server.key" --client-id "$FAKE_CLIENT_ID" --client-secret "$FAKE_CLIENT_SECRET" \
+  </dev/null >"$LOGS/fake-google.log" 2>&1 &
+printf '%s\n' "$!" >"$PIDS/fake-google.pid"
+"$py" -m tests.fakes.fake_watermark --port "$watermark_port" --cert "$PKI/server.crt" \
+  --key "$PKI/server.key" --ca "$PKI/ca.crt" --ca-key "$PKI/ca.key" \
+  </dev/null >"$LOGS/fake-watermark.log" 2>&1 &
+printf '%s\n' "$!" >"$PIDS/fake-watermark.pid"
+
+# 3. the runtime, dev-shim; secrets come through the listener, not the environment
+env -u MTLS_CLIENT_CERT_JSON -u ECS_WATERMARK_ENDPOINT -u ECS_WATERMARK_PATH \
+    -u GOOGLE_OAUTH_CLIENT_ID -u GOOGLE_OAUTH_CLIENT_SECRET -u TEE_ATTESTATION_DOCUMENT \
+    -u TEE_ATTESTATION_DOCUMENT_PATH -u ENCLAVE_EGRESS_ROUTES \
+    -u ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS \
+  ALFRED_ENV=local \
+  ENCLAVE_RUNTIME_MODE=dev-shim \
+  ENCLAVE_RUNTIME_BASE_URL="http://127.0.0.1:$runtime_port" \
+  ENCLAVE_HTTP_LISTEN="tcp:127.0.0.1:$runtime_port" \
+  ENCLAVE_SECRETS_LISTEN="tcp:127.0.0.1:$secrets_port" \
+  ENCLAVE_SECRETS_ALLOWED_PEERS=127.0.0.1 \
+  ENCLAVE_STATE_DIR="$state" \
+  ENCLAVE_CERTS_DIR="$state/certs" \
+  TEE_ATTESTATION_REQUIRED=false \
+  TEE_ALLOW_INSECURE_DEV_ATTESTATION=true \
+  ENCLAVE_RPC_SHARED_SECRET="${ENCLAVE_RPC_SHARED_SECRET:-$DEFAULT_RPC_SECRET}" \
+  GOOGLE_OAUTH_TOKEN_URL="https://127.0.0.1:$google_port/token" \
+  GOOGLE_OAUTH_REVOKE_URL="https://127.0.0.1:$google_port/revoke" \
+  ENCLAVE_OUTBOUND_CA_FILE="$PKI/ca.crt" \
+  "$py" enclave.py serve </dev/null >"$LOGS/runtime.log" 2>&1 &
+printf '%s\n' "$!" >"$PIDS/runtime.pid"
+
+wait_listening fake-google "$google_port"
+wait_listening fake-watermark "$watermark_port"
+
+# 4. the secrets, as soon as the listener takes them (it binds before HTTP starts)
+deadline=$((SECONDS + CHILD_START_S))
+: >"$LOGS/secrets.log"
+while :; do
+  alive "$(pid_of runtime)" || child_failed runtime
+  if ack="$(SEND_SECRETS_TRIES=1 "$REPO/scripts/send-secrets.sh" --tcp "127.0.0.1:$secrets_port" \
+        "$SECRETS_FILE" 2>>"$LOGS/secrets.log")"; then
+    echo "$PROG: secrets delivered: $ack"
+    break
+  fi
+  if [[ "$ack" == *'"ok"'* ]]; then
+    die "the secrets listener refused the delivery: $ack"
+  fi
+  [ "$SECONDS" -lt "$deadline" ] || die "the secrets listener on port $secrets_port did not" \
+    "take the delivery within ${CHILD_START_S}s (see $(rel "$LOGS/secrets.log"))"
+  sleep "$POLL_S"
+done
+
+# 5. ready?
+base_url="http://127.0.0.1:$runtime_port"
+deadline=$((SECONDS + ready_timeout))
+until curl --silent --fail --max-time 2 --output /dev/null "$base_url/healthz?ready=1"; do
+  for name in "${CHILDREN[@]}"; do alive "$(pid_of "$name")" || child_failed "$name"; done
+  [ "$SECONDS" -lt "$deadline" ] || die "$base_url/healthz?ready=1 did not answer 200 within" \
+    "${ready_timeout}s (see $(rel "$LOGS/runtime.log"))"
+  sleep "$POLL_S"
+done
+
+cat <<EOF
+$PROG: ready. Local stack (INSECURE dev-shim attestation: development only):
+  runtime API       $base_url            curl -s $base_url/healthz
+  secrets listener  tcp:127.0.0.1:$secrets_port           redeliver: scripts/send-secrets.sh --tcp 127.0.0.1:$secrets_port $(rel "$SECRETS_FILE")
+  fake Google       https://127.0.0.1:$google_port/token and /revoke (client id $FAKE_CLIENT_ID)
+  fake watermark    https://127.0.0.1:$watermark_port/v1/watermark (mTLS, client certificates from the dev CA)
+  dev PKI           $(rel "$PKI")/   dev attestation root: $(rel "$state")/dev-attestation/root.crt
+  logs              $(rel "$LOGS")/{runtime,fake-google,fake-watermark,secrets,pki}.log
+  pids              $(rel "$RUN_PID") (this script), $(rel "$PIDS")/*.pid
+Check it:  scripts/smoke.sh $base_url    .venv/bin/python enclave.py probe $base_url
+Stop it:   Ctrl-C here, or $stop_hint from another terminal
+EOF
+
+# 6. supervise: return on Ctrl-C/SIGTERM (the traps) or when a child exits on its own
+# (a short sleep waited on in the background: a trapped signal interrupts `wait` at once, and
+# this works with the bash 3.2 of macOS, which has no `wait -n`)
+while :; do
+  for name in "${CHILDREN[@]}"; do alive "$(pid_of "$name")" || child_failed "$name"; done
+  sleep 1 &
+  wait "$!" || true
+done

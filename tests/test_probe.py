@@ -1,0 +1,210 @@
+"""`enclave.py probe`: passes against a correct runtime, fails closed and names the failed check.
+
+The runtimes here are real parts (dev-shim attestation, the HTTP server, the RPC authenticator,
+the /healthz code) on 127.0.0.1:0, with the Google and watermark handlers replaced by stubs
+that answer 400 (the probe never needs an upstream). Broken variants change one thing each.
+The probe runs as the real command in a subprocess, so exit codes are checked as shipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+from enclave.app import Runtime
+from enclave.attestation import AttestationService, build_attestation
+from enclave.config import Settings
+from enclave.errors import ApiError
+from enclave.metrics import Metrics
+from enclave.rpcauth import RpcAuthenticator
+from tests.support import captured_logs, running_server
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "probe-test-shared-secret-0123456789abcdef"
+PROBE_TIMEOUT_S = 60  # the whole probe run; each request has its own 5 s bound
+RPC_PATHS = ("/v1/rpc/google/token/exchange", "/v1/rpc/google/token/refresh",
+             "/v1/rpc/google/token/revoke", "/v1/rpc/watermark")
+
+
+class _Store:
+    """Secrets received and usable, as /healthz reports them."""
+
+    def health(self) -> dict:
+        return {"secrets": {"received": True, "version": 1, "updated_at": "2026-01-01T00:00:00Z"},
+                "mtls": {"configured": True, "not_after": "2027-01-01T00:00:00Z"}}
+
+    def ready(self) -> bool:
+        return True
+
+
+class _Rpc:
+    """Google and watermark handlers that refuse every body as invalid (no upstream)."""
+
+    def _refuse(self, req):
+        raise ApiError(400, "invalid_request", "stub: no upstream in this test")
+
+    exchange = refresh = revoke = handle = _refuse
+
+
+def _ok_unauthenticated(req):
+    return 200, {"ok": True}
+
+
+class ProbeTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.state_dir = cls._tmp.name
+        settings = Settings(state_dir=Path(cls.state_dir))  # local dev-shim
+        cls.attestation = build_attestation(settings)
+        cls.settings = settings
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.attestation.close()
+        cls._tmp.cleanup()
+
+    def setUp(self):
+        self.logs = self.enterContext(captured_logs())  # the servers' auth warnings
+
+    def runtime(self):
+        """(router, authenticator) of a correct runtime."""
+        metrics = Metrics()
+        service = AttestationService(self.attestation, metrics)
+        auth = RpcAuthenticator(lambda now: [SECRET], 30, metrics)
+        runtime = Runtime(self.settings, metrics=metrics, attestation=service, store=_Store(),
+                          google=_Rpc(), watermark=_Rpc(), authenticator=auth)
+        return runtime.router(), auth, service
+
+    def probe(self, port: int, *extra: str) -> tuple[int, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("ENCLAVE_", "TEE_", "ALFRED_"))}
+        proc = subprocess.run(
+            [sys.executable, "enclave.py", "probe", f"http://127.0.0.1:{port}",
+             "--state-dir", self.state_dir, "--secret", SECRET, *extra],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def assertFailed(self, code: int, output: str, check: str, reason: str = ""):
+        self.assertEqual(code, 1, output)
+        lines = [line for line in output.splitlines() if line.startswith(f"FAIL {check}:")]
+        self.assertTrue(lines, f"no 'FAIL {check}:' line in:\n{output}")
+        if reason:
+            self.assertIn(reason, lines[0])
+
+    # -- the control: every check holds against a correct runtime ---------------------------
+    def test_correct_runtime_passes(self):
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port)
+        self.assertEqual(code, 0, output)
+        self.assertNotIn("FAIL", output)
+        for path in RPC_PATHS:
+            self.assertIn(f"ok   rpc {path} refuses unsigned", output)
+            self.assertIn(f"ok   rpc {path} refuses tampered", output)
+        self.assertIn("ok   challenge verifies", output)
+        self.assertIn("ok   rpc signed request accepted", output)
+
+    # -- failures ----------------------------------------------------------------------------
+    def test_runtime_down(self):
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        code, output = self.probe(port, "--timeout", "2")
+        self.assertFailed(code, output, "healthz")
+        self.assertFailed(code, output, "rpc signed request accepted", "unreachable")
+        self.assertNotIn("ok   ", output)
+
+    def test_rpc_accepting_unsigned_requests(self):
+        router, auth, _ = self.runtime()
+        for path in RPC_PATHS:  # a broken server: RPC routes answer 200 to anything
+            router.add("POST", path, _ok_unauthenticated)
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port)
+        for path in RPC_PATHS:
+            with self.subTest(path=path):
+                self.assertFailed(code, output, f"rpc {path} refuses unsigned",
+                                  "expected HTTP 401, got 200")
+                self.assertFailed(code, output, f"rpc {path} refuses tampered")
+        self.assertIn("ok   document verifies", output)  # only the broken part fails
+
+    def test_one_rpc_path_accepting_unsigned_requests(self):
+        router, auth, _ = self.runtime()
+        router.add("POST", "/v1/rpc/watermark", _ok_unauthenticated)
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port)
+        self.assertFailed(code, output, "rpc /v1/rpc/watermark refuses unsigned")
+        self.assertIn("ok   rpc /v1/rpc/google/token/revoke refuses unsigned", output)
+
+    def test_tampered_document(self):
+        router, auth, service = self.runtime()
+
+        def tampered_document(req):
+            status, body = service.document(req)
+            raw = bytearray(base64.b64decode(body["document"]))
+            raw[-1] ^= 0x01  # the last byte of the ES384 signature
+            return status, {**body, "document": base64.b64encode(bytes(raw)).decode()}
+
+        router.add("GET", "/v1/attestation/document", tampered_document)
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port)
+        self.assertFailed(code, output, "document verifies", "step 5")
+        self.assertIn("ok   challenge verifies", output)
+
+    def test_document_summary_that_lies(self):
+        router, auth, service = self.runtime()
+
+        def lying_document(req):
+            status, body = service.document(req)
+            return status, {**body, "format": "aws-nitro", "insecure": False}
+
+        router.add("GET", "/v1/attestation/document", lying_document)
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port)
+        self.assertFailed(code, output, "document verifies", "does not match")
+
+    def test_require_attestation_refuses_dev_shim(self):
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port, "--require-attestation")
+        self.assertFailed(code, output, "healthz", "expected mode remote")
+        self.assertFailed(code, output, "document verifies", "step 3")
+        self.assertFailed(code, output, "challenge verifies", "step 3")
+
+    def test_require_attestation_refuses_an_insecure_root(self):
+        root = Path(self.state_dir) / "dev-attestation" / "root.crt"
+        code, output = self.probe(1, "--require-attestation", "--root", str(root))
+        self.assertEqual(code, 2, output)
+        self.assertIn("INSECURE", output)
+
+    def test_unexpected_pcr(self):
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port, "--pcr", "0=" + "ab" * 48)
+        self.assertFailed(code, output, "document verifies", "step 6")
+
+    def test_wrong_secret(self):
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port, "--secret", "not-the-secret-" + "x" * 20)
+        self.assertFailed(code, output, "rpc signed request accepted", "401")
+        self.assertIn("ok   rpc /v1/rpc/watermark refuses tampered", output)
+
+    def test_usage_errors(self):
+        for args in (["ftp://127.0.0.1:1"], ["http://127.0.0.1:1", "--pcr", "x"],
+                     ["http://127.0.0.1:1", "--timeout", "0"],
+                     ["http://127.0.0.1:1", "--root", "/nonexistent/root.pem"]):
+            with self.subTest(args=args):
+                proc = subprocess.run([sys.executable, "enclave.py", "probe", *args], cwd=REPO,
+                                      capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+                self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
