@@ -245,6 +245,11 @@ class OutboundClient:
                     log.debug("stale keep-alive connection to %s:%d, reconnecting", host, port)
                     conn, reused = None, False
                     continue
+                if isinstance(exc, ssl.SSLEOFError):
+                    # A TLS-level EOF on a fresh connection: after a TLS 1.3 handshake this is
+                    # how a server that refused our client certificate often looks.
+                    raise UpstreamTLSError(
+                        f"{host}: TLS connection closed without an answer") from None
                 raise UpstreamUnavailable(
                     f"{host}: connection closed ({type(exc).__name__})") from None
             except BaseException as exc:
