@@ -34,6 +34,8 @@ MAX_REQUEST_LINE_BYTES = 8192  # longer request lines answer 414
 MAX_HEADER_LINE_BYTES = 8192  # one header line; longer answers 431
 MAX_HEADER_COUNT = 100  # header lines per request (http.client's own limit); more answers 431
 DRAIN_SECONDS = 5.0  # on shutdown, in-flight requests get this long to finish
+LINGER_SECONDS = 2.0  # after an early error answer, drop the unread body this long at most
+LINGER_MAX_BYTES = 2 * 1024 * 1024  # ...and at most this much of it
 OVERFLOW_WRITE_SECONDS = 1.0  # how long the accept thread may spend telling a client "busy"
 LISTEN_BACKLOG = 128
 JSON_TYPE = "application/json"
@@ -246,6 +248,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if not self._body_consumed:  # unread body bytes would desync the stream
                 self.close_connection = True
             self._send(exc.status, json_bytes(exc.body()), extra=exc.headers)
+            if not self._body_consumed:
+                self._linger()
         except (TimeoutError, ConnectionError):
             raise
         except Exception:
@@ -255,6 +259,22 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         return route.path
 
     _body_consumed = True
+
+    def _linger(self) -> None:
+        """Lingering close: after an early answer, read (and drop) what the client is still
+        sending, bounded, so that closing does not reset the connection under its feet and
+        destroy the answer before the client reads it."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_SECONDS)
+            deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+            while dropped < LINGER_MAX_BYTES and time.monotonic() < deadline:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
 
     def _discard_body(self) -> None:
         """Keep the stream in sync: a body we do not read means the connection must close."""

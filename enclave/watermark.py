@@ -43,9 +43,17 @@ class WatermarkService:
         metrics.describe("enclave_watermark_requests_total", "counter",
                          "watermark RPCs by outcome")
 
-    def _client_for(self, snapshot) -> OutboundClient:
-        """The pool of this context generation; an older pool is retired (never reused)."""
+    def _client_for(self, snapshot):
+        """(pool, snapshot) for the newest context; an older pool is retired, never reused.
+
+        A request holding a snapshot older than the pool in use (it read the store just before
+        a swap) takes the newer one instead: the pool never moves back to a retired context.
+        """
         with self._lock:
+            if self._generation is not None and snapshot.generation < self._generation:
+                snapshot = self.store.mtls()
+            if not snapshot.configured or not snapshot.endpoint:
+                return None, snapshot
             if self._generation != snapshot.generation or self._client is None:
                 old = self._client
                 self._client = OutboundClient(self.connector, context=snapshot.context,
@@ -53,7 +61,7 @@ class WatermarkService:
                 self._generation = snapshot.generation
                 if old is not None:
                     old.close()
-            return self._client
+            return self._client, snapshot
 
     def close(self) -> None:
         with self._lock:
@@ -65,8 +73,7 @@ class WatermarkService:
         self.metrics.inc("enclave_watermark_requests_total", {"outcome": outcome})
         return exc
 
-    def handle(self, req: Request):
-        snapshot = self.store.mtls()
+    def _check_configured(self, snapshot) -> None:
         if not snapshot.configured:
             raise self._fail("not_configured", ApiError(
                 503, "mtls_not_configured", "client certificates have not been delivered yet"))
@@ -74,9 +81,14 @@ class WatermarkService:
             raise self._fail("not_configured", ApiError(
                 503, "watermark_endpoint_not_configured",
                 "ECS_WATERMARK_ENDPOINT has not been delivered yet"))
+
+    def handle(self, req: Request):
+        self._check_configured(self.store.mtls())
         req.json()  # the body must be a JSON object (400 otherwise); forwarded byte for byte
+        client, snapshot = self._client_for(self.store.mtls())
+        if client is None:  # cleared by a delivery in the meantime
+            self._check_configured(snapshot)
         url = snapshot.endpoint.rstrip("/") + self.path
-        client = self._client_for(snapshot)
         started = time.perf_counter()
         try:
             response = client.request("POST", url, req.body, {"Content-Type": "application/json"})
