@@ -44,13 +44,28 @@ class Address:
         return (self.host, self.port)
 
 
-def _port(text: str, what: str) -> int:
-    if not text.isdigit():
-        raise AddressError(f"{what}: port must be a number, got {text!r}")
-    port = int(text)
-    if not 0 <= port <= MAX_PORT:
-        raise AddressError(f"{what}: port must be 0..{MAX_PORT}, got {port}")
-    return port
+def split_host_port(text: str, what: str, min_port: int = 0) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT` -> (host, port); AddressError naming `what` otherwise."""
+    if text.startswith("["):
+        host, bracket, tail = text[1:].partition("]")
+        if not bracket or not tail.startswith(":"):
+            raise AddressError(f"{what}: expected [IPv6]:PORT, got {text!r}")
+        port_text = tail[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise AddressError(f"{what}: expected host:port, got {text!r}")
+        if ":" in host:
+            raise AddressError(f"{what}: put IPv6 hosts in brackets, got {text!r}")
+    if not host or any(c.isspace() for c in host):
+        raise AddressError(f"{what}: missing or invalid host in {text!r}")
+    return host, _port(port_text, what, min_port)
+
+
+def _port(text: str, what: str, min_port: int = 0) -> int:
+    if not (text.isascii() and text.isdigit()) or not min_port <= int(text) <= MAX_PORT:
+        raise AddressError(f"{what}: port must be {min_port}..{MAX_PORT}, got {text!r}")
+    return int(text)
 
 
 def parse_address(text: str, what: str = "address") -> Address:
@@ -59,18 +74,8 @@ def parse_address(text: str, what: str = "address") -> Address:
     if not sep:
         raise AddressError(f"{what}: expected tcp:HOST:PORT or vsock:CID:PORT, got {text!r}")
     if scheme == "tcp":
-        if rest.startswith("["):
-            host, bracket, tail = rest[1:].partition("]")
-            if not bracket or not tail.startswith(":"):
-                raise AddressError(f"{what}: malformed IPv6 address {text!r}")
-            port_text = tail[1:]
-        else:
-            host, sep, port_text = rest.rpartition(":")
-            if not sep:
-                raise AddressError(f"{what}: expected tcp:HOST:PORT, got {text!r}")
-        if not host:
-            raise AddressError(f"{what}: missing host in {text!r}")
-        return Address("tcp", host, _port(port_text, what))
+        host, port = split_host_port(rest, what)
+        return Address("tcp", host, port)
     if scheme == "vsock":
         cid_text, sep, port_text = rest.partition(":")
         if not sep:

@@ -14,17 +14,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--env-file", metavar="PATH", help="read variables from a .env file first")
 
 
-def report_config_error(exc: ConfigError) -> None:
-    print("configuration error:", file=sys.stderr)
-    for problem in exc.problems:
-        print(f"  - {problem}", file=sys.stderr)
+def load_or_report(env_file: str | None):
+    """Settings, or None after printing every problem to stderr (the caller exits 2)."""
+    try:
+        return load_settings(dotenv=env_file)
+    except ConfigError as exc:
+        print("configuration error:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return None
 
 
 def run(args) -> int:
-    try:
-        settings = load_settings(dotenv=args.env_file)
-    except ConfigError as exc:
-        report_config_error(exc)
+    settings = load_or_report(args.env_file)
+    if settings is None:
         return 2
     print(json.dumps(settings.redacted(), indent=2, sort_keys=True))
     return 0

@@ -33,7 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--nonce", help="nonce (default: 128 random bits, base64url)")
 
 
-def _secret(args, environ) -> str | None:
+def resolve_secret(args, environ) -> str | None:
+    """--secret, else ENCLAVE_RPC_SHARED_SECRET, else the local default (local only)."""
     if args.secret:
         return args.secret
     if environ.get("ENCLAVE_RPC_SHARED_SECRET"):
@@ -72,7 +73,7 @@ def run(args, environ=None) -> int:
     if args.timestamp is not None and not 0 <= args.timestamp < 10**12:
         print("sign: --timestamp must be unix seconds (at most 12 digits)", file=sys.stderr)
         return 2
-    secret = _secret(args, environ)
+    secret = resolve_secret(args, environ)
     if secret is None:
         print("sign: no secret: pass --secret or set ENCLAVE_RPC_SHARED_SECRET (the local "
               "default is used only when ALFRED_ENV is local)", file=sys.stderr)

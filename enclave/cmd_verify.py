@@ -75,31 +75,43 @@ def _read(path: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     return data
 
 
-def _roots(args) -> list[bytes]:
-    roots = [verify.nitro_root_der()]
-    for path in args.root:
+def read_roots(paths: list[str], allow_insecure: bool, hint: str) -> list[bytes]:
+    """Root certificates from --root PEM files; an INSECURE dev root only when allowed."""
+    roots = []
+    for path in paths:
         try:
             certs = verify.pem_to_der_certs(_read(path, MAX_ROOT_PEM_BYTES))
         except ValueError:
             raise UsageError(f"--root {path}: no PEM certificate in it") from None
         for der in certs:
             subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
-            if "INSECURE" in subject and not args.allow_insecure_dev:
-                raise UsageError(f"--root {path} is an INSECURE dev root: add --allow-insecure-dev")
+            if "INSECURE" in subject and not allow_insecure:
+                raise UsageError(f"--root {path} is an INSECURE dev root: {hint}")
             roots.append(der)
-    if args.allow_insecure_dev and not args.root:
-        state_dir = args.state_dir or os.environ.get("ENCLAVE_STATE_DIR") or DEFAULT_STATE_DIR
-        try:
-            roots.extend(verify.pem_to_der_certs(devpki.read_root_pem(state_dir)))
-        except devpki.DevPkiError as exc:
-            raise UsageError(str(exc)) from None
-        except ValueError:
-            raise UsageError(f"the dev root in {devpki.dev_dir(state_dir)} is not a PEM "
-                             "certificate") from None
     return roots
 
 
-def _pcrs(values: list[str]) -> dict[int, bytes]:
+def dev_roots(state_dir: str | None) -> list[bytes]:
+    """The INSECURE dev-shim root kept under the state directory."""
+    state_dir = state_dir or os.environ.get("ENCLAVE_STATE_DIR") or DEFAULT_STATE_DIR
+    try:
+        return verify.pem_to_der_certs(devpki.read_root_pem(state_dir))
+    except devpki.DevPkiError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError:
+        raise UsageError(f"the dev root in {devpki.dev_dir(state_dir)} is not a PEM "
+                         "certificate") from None
+
+
+def _roots(args) -> list[bytes]:
+    roots = [verify.nitro_root_der()]
+    roots += read_roots(args.root, args.allow_insecure_dev, "add --allow-insecure-dev")
+    if args.allow_insecure_dev and not args.root:
+        roots += dev_roots(args.state_dir)
+    return roots
+
+
+def parse_pcrs(values: list[str]) -> dict[int, bytes]:
     out = {}
     for value in values:
         match = _PCR.fullmatch(value)
@@ -155,7 +167,7 @@ def _emit(obj: dict) -> None:
 def run(args) -> int:
     try:
         roots = _roots(args)
-        expected_pcrs = _pcrs(args.pcr)
+        expected_pcrs = parse_pcrs(args.pcr)
         nonce = _hex_arg("--nonce", args.nonce)
         document, json_evidence = _parse_input(_read(args.input))
         evidence = json_evidence

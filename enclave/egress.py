@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
-from .addresses import VSOCK_CID_ANY, AddressError, parse_address
+from .addresses import VSOCK_CID_ANY, AddressError, parse_address, split_host_port
 from .errors import EnclaveError
 
 VARIABLE = "ENCLAVE_EGRESS_ROUTES"
@@ -36,22 +36,11 @@ class Route:
 
 
 def _parse_host_port(text: str, where: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, bracket, tail = text[1:].partition("]")
-        if not bracket or not tail.startswith(":"):
-            raise EgressError(f"{where}: expected [IPv6]:port, got {text!r}")
-        port_text = tail[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise EgressError(f"{where}: expected host:port before '=', got {text!r}")
-        if ":" in host:
-            raise EgressError(f"{where}: put IPv6 hosts in brackets, got {text!r}")
-    if not host or any(c.isspace() for c in host):
-        raise EgressError(f"{where}: missing or invalid host in {text!r}")
-    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-        raise EgressError(f"{where}: port must be 1..65535, got {port_text!r}")
-    return host.lower(), int(port_text)
+    try:
+        host, port = split_host_port(text, where, min_port=1)
+    except AddressError as exc:
+        raise EgressError(str(exc)) from None
+    return host.lower(), port
 
 
 def parse_routes(text: str | None) -> dict[tuple[str, int], Route]:

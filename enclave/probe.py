@@ -38,20 +38,19 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from . import devpki, verify
-from .config import LOCAL_DEFAULT_RPC_SECRET
+from . import verify
+from .cmd_sign import resolve_secret
+from .cmd_verify import UsageError, dev_roots, parse_pcrs, read_roots
 from .rpcauth import new_nonce, sign_request
 
 HELP = "fail-closed start-up probe of a running runtime"
 
 DEFAULT_TIMEOUT_S = 5.0  # per request; a healthy runtime answers in milliseconds
 MAX_TIMEOUT_S = 120.0
-MAX_ANSWER_BYTES = 256 * 1024
-MAX_ROOT_PEM_BYTES = 64 * 1024  # a root certificate PEM is < 2 KiB  # every answer probed is < 16 KiB; more is a broken server
+MAX_ANSWER_BYTES = 256 * 1024  # every answer probed is < 16 KiB; more is a broken server
 CHALLENGE_NONCE_BYTES = 32  # inside the 16..64 bytes the endpoint accepts
 BAD_NONCE_BYTES = 4  # below the 16-byte minimum: must answer 400
 CHALLENGE_MAX_AGE_MS = 5 * 60 * 1000  # a challenge answer minted for this probe is seconds old
-DEFAULT_STATE_DIR = ".local"
 RPC_PATHS = (
     "/v1/rpc/google/token/exchange",
     "/v1/rpc/google/token/refresh",
@@ -69,10 +68,6 @@ DOCUMENT_KEYS = ("format", "document", "public_key", "module_id", "timestamp_ms"
                  "insecure")
 CHALLENGE_KEYS = ("nonce", "document", "nonce_bound_document", "evidence", "public_key")
 _PCR = re.compile(r"(\d{1,2})=([0-9a-fA-F]+)")
-
-
-class UsageError(Exception):
-    """Bad arguments: exit 2."""
 
 
 class CheckFailed(Exception):
@@ -128,47 +123,8 @@ def _b64_field(obj: dict, name: str, what: str) -> bytes:
         raise CheckFailed(f"{what}: {name} is not base64") from None
 
 
-def _parse_pcrs(values: list[str]) -> dict[int, bytes]:
-    out = {}
-    for value in values:
-        match = _PCR.fullmatch(value)
-        if not match or int(match[1]) >= verify.MAX_PCRS or len(match[2]) % 2:
-            raise UsageError(f"--pcr {value!r}: expected N=HEX with N in 0..{verify.MAX_PCRS - 1}")
-        out[int(match[1])] = bytes.fromhex(match[2])
-    return out
-
-
-def _read_roots(paths: list[str], strict: bool) -> list[bytes]:
-    roots = []
-    for path in paths:
-        try:
-            with open(path, "rb") as fh:
-                certs = verify.pem_to_der_certs(fh.read(MAX_ROOT_PEM_BYTES))
-            insecure = [_insecure_root(der) for der in certs]
-        except OSError as exc:
-            raise UsageError(f"--root {path}: {exc.strerror}") from None
-        except ValueError:
-            raise UsageError(f"--root {path}: no PEM certificate in it") from None
-        for der, is_insecure in zip(certs, insecure):
-            if strict and is_insecure:
-                raise UsageError(f"--root {path} is an INSECURE dev root; it cannot be trusted "
-                                 "with --require-attestation")
-            roots.append(der)
-    return roots
-
-
 def _insecure_root(der: bytes) -> bool:
     return "INSECURE" in x509.load_der_x509_certificate(der).subject.rfc4514_string()
-
-
-def _secret(args, environ) -> str | None:
-    if args.secret:
-        return args.secret
-    if environ.get("ENCLAVE_RPC_SHARED_SECRET"):
-        return environ["ENCLAVE_RPC_SHARED_SECRET"]
-    if environ.get("ALFRED_ENV", "") in ("", "local"):
-        return LOCAL_DEFAULT_RPC_SECRET
-    return None
 
 
 # -- the probe ----------------------------------------------------------------------------
@@ -472,19 +428,18 @@ def build(args, environ=None) -> Probe:
     if not 0 < args.timeout <= MAX_TIMEOUT_S:
         raise UsageError(f"--timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds")
     strict = args.require_attestation
-    roots = [verify.nitro_root_der()] + _read_roots(args.root, strict)
+    roots = [verify.nitro_root_der()] + read_roots(
+        args.root, not strict, "it cannot be trusted with --require-attestation")
     note = "--require-attestation trusts only the AWS Nitro root and --root"
     if not strict:
-        state_dir = args.state_dir or environ.get("ENCLAVE_STATE_DIR") or DEFAULT_STATE_DIR
         try:
-            roots.extend(verify.pem_to_der_certs(devpki.read_root_pem(state_dir)))
-            note = f"trusted: AWS Nitro root and the INSECURE dev root in {devpki.dev_dir(state_dir)}"
-        except (devpki.DevPkiError, ValueError):
-            note = (f"no dev root in {devpki.dev_dir(state_dir)}: pass --state-dir or --root "
-                    "for a dev-shim runtime")
-    return Probe(args.base_url, timeout=args.timeout, secret=_secret(args, environ),
+            roots += dev_roots(args.state_dir or environ.get("ENCLAVE_STATE_DIR"))
+            note = "trusted: AWS Nitro root and the INSECURE dev root"
+        except UsageError as exc:
+            note = f"{exc}: pass --state-dir or --root for a dev-shim runtime"
+    return Probe(args.base_url, timeout=args.timeout, secret=resolve_secret(args, environ),
                  strict=strict, roots=roots, dev_root_note=note,
-                 expected_pcrs=_parse_pcrs(args.pcr))
+                 expected_pcrs=parse_pcrs(args.pcr))
 
 
 def run(args) -> int:

@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass
 
 from .app import Runtime
-from .cmd_check_config import report_config_error
-from .config import ConfigError, Settings, load_settings
+from .cmd_check_config import load_or_report
+from .config import Settings
 from .errors import EnclaveError
 from .logs import setup_logging
 from .metrics import Metrics
@@ -109,10 +109,8 @@ def _actual(address, http: HttpServer) -> str:
 
 
 def run(args) -> int:
-    try:
-        settings = load_settings(dotenv=args.env_file)
-    except ConfigError as exc:
-        report_config_error(exc)
+    settings = load_or_report(args.env_file)
+    if settings is None:
         return 2
     setup_logging(settings.log_format, settings.log_level)
     if settings.mode == "disabled":

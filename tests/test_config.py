@@ -1,13 +1,11 @@
 """Configuration: local defaults start; every fail-closed rule is reported, naming the variable."""
 
 import base64
-import io
 import os
 import subprocess
 import sys
 import tempfile
 import unittest
-from contextlib import redirect_stdout, redirect_stderr
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization

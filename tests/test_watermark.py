@@ -3,7 +3,6 @@
 import base64
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
