@@ -90,11 +90,12 @@ def parse_address(text: str, what: str = "address") -> Address:
     raise AddressError(f"{what}: unknown transport {scheme!r} (use tcp or vsock)")
 
 
-def is_loopback(host: str) -> bool:
+def is_loopback_ip(text: str) -> bool:
+    """True for a loopback IP address literal (127.0.0.0/8, ::1); names are not resolved."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(text).is_loopback
     except ValueError:
-        return host == "localhost"
+        return False
 
 
 def peer_label(family: int, peer) -> str:

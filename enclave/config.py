@@ -9,11 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .addresses import Address, AddressError, parse_address
+from .addresses import Address, AddressError, is_loopback_ip, parse_address
 from .egress import EgressError, parse_routes
 from .errors import EnclaveError
 
@@ -61,20 +62,20 @@ class Settings:
     state_dir: Path = Path(".local")
     attestation_required: bool = False
     allow_insecure_dev_attestation: bool = True
-    signing_private_key_pem: bytes | None = None
+    signing_private_key_pem: bytes | None = field(default=None, repr=False)
     attestation_document_path: str | None = None
-    attestation_document_b64: str | None = None
-    rpc_shared_secret: str = LOCAL_DEFAULT_RPC_SECRET
+    attestation_document_b64: str | None = field(default=None, repr=False)
+    rpc_shared_secret: str = field(default=LOCAL_DEFAULT_RPC_SECRET, repr=False)
     rpc_max_skew_s: int = DEFAULT_SKEW_SECONDS
-    mtls_client_cert_json: str | None = None
+    mtls_client_cert_json: str | None = field(default=None, repr=False)
     ecs_watermark_endpoint: str | None = None
     ecs_watermark_path: str = DEFAULT_WATERMARK_PATH
     google_client_id: str | None = None
-    google_client_secret: str | None = None
+    google_client_secret: str | None = field(default=None, repr=False)
     google_token_url: str = GOOGLE_TOKEN_URL
     google_revoke_url: str = GOOGLE_REVOKE_URL
     outbound_ca_file: str | None = None
-    token_sealing_key: bytes | None = None  # None: generated per boot (local/test only)
+    token_sealing_key: bytes | None = field(default=None, repr=False)  # None: generated per boot (local/test only)
     egress_routes: str | None = None  # parsed by enclave.egress
     log_format: str = "text"
     log_level: str = "INFO"
@@ -129,9 +130,17 @@ class _Reader:
         value = self.environ.get(name)
         return None if value is None or value == "" else value
 
+    def set_but_empty(self, name: str) -> bool:
+        """A safety switch that is present but empty is a broken template, not "use the default"."""
+        if self.environ.get(name) == "":
+            self.problems.append(f"{name} is set but empty")
+            return True
+        return False
+
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         value = self.raw(name)
         if value is None:
+            self.set_but_empty(name)
             return default
         if value not in choices:
             self.problems.append(f"{name} must be one of {', '.join(choices)}")
@@ -141,6 +150,7 @@ class _Reader:
     def boolean(self, name: str, default: bool) -> bool:
         value = self.raw(name)
         if value is None:
+            self.set_but_empty(name)
             return default
         if value in ("true", "1"):
             return True
@@ -153,11 +163,10 @@ class _Reader:
         value = self.raw(name)
         if value is None:
             return default
-        try:
-            number = kind(value)
-        except ValueError:
+        if not re.fullmatch(r"[0-9]{1,9}" + (r"(\.[0-9]{1,6})?" if kind is float else ""), value):
             self.problems.append(f"{name} must be a number")
             return default
+        number = kind(value)
         if not low <= number <= high:
             self.problems.append(f"{name} must be between {low} and {high}")
             return default
@@ -240,8 +249,9 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
     peers_raw = r.raw("ENCLAVE_SECRETS_ALLOWED_PEERS")
     peers = tuple(p.strip() for p in (peers_raw or "vsock:3,127.0.0.1").split(",") if p.strip())
     for peer in peers:
-        if not (peer.startswith("vsock:") and peer[6:].isdigit()) and not _is_ip(peer):
-            r.problems.append("ENCLAVE_SECRETS_ALLOWED_PEERS entries must be vsock:CID or an IP")
+        if not re.fullmatch(r"vsock:[0-9]{1,10}", peer) and not is_loopback_ip(peer):
+            r.problems.append("ENCLAVE_SECRETS_ALLOWED_PEERS entries must be vsock:CID or a "
+                              "loopback IP (secrets never come from the network)")
             break
     timeout = r.number("ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS", DEFAULT_SECRETS_TIMEOUT_SECONDS,
                        0.0, MAX_SECRETS_TIMEOUT_SECONDS, float)
@@ -304,6 +314,10 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         for name in ("GOOGLE_OAUTH_TOKEN_URL", "GOOGLE_OAUTH_REVOKE_URL", "ENCLAVE_OUTBOUND_CA_FILE"):
             if r.raw(name) is not None:
                 r.problems.append(f"{name} may only be overridden when ALFRED_ENV is local or test")
+        for name in ("MTLS_CLIENT_CERT_JSON", "ECS_WATERMARK_ENDPOINT"):
+            if r.raw(name) is not None:
+                r.problems.append(f"{name} comes over the secrets channel when ALFRED_ENV={env} "
+                                  "(the environment is for local development)")
     elif secret is None and not local:
         r.problems.append("ENCLAVE_RPC_SHARED_SECRET must be set unless ALFRED_ENV=local")
     if secret == LOCAL_DEFAULT_RPC_SECRET and not local and not strict:
@@ -329,12 +343,3 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         token_sealing_key=sealing_key, egress_routes=egress_routes,
         log_format=log_format, log_level=log_level,
     )
-
-
-def _is_ip(text: str) -> bool:
-    import ipaddress
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False

@@ -25,12 +25,12 @@ from urllib.parse import urlsplit
 
 from . import sealing
 from .errors import ApiError
+from .metrics import UPSTREAM_SECONDS
 from .outbound import (OutboundClient, OutboundError, Response, UpstreamTimeout,
                        UpstreamTLSError)
 
 log = logging.getLogger(__name__)
 
-UPSTREAM_METRIC = "enclave_upstream_seconds"
 OUTCOME_METRIC = "enclave_google_oauth_total"
 MAX_CODE_CHARS = 2048  # Google codes are ~70 characters
 MAX_REDIRECT_URI_CHARS = 2048
@@ -90,7 +90,7 @@ class GoogleOAuth:
         self._metrics = metrics
         self._timeout_s = timeout_s  # None: the client's deadline (10 s)
         if metrics is not None:
-            metrics.describe(UPSTREAM_METRIC, "summary", "Latency of upstream calls, by upstream")
+            metrics.describe(UPSTREAM_SECONDS, "summary", "Latency of upstream calls, by upstream")
             metrics.describe(OUTCOME_METRIC, "counter",
                              "Google OAuth operations, by operation and outcome")
 
@@ -131,7 +131,7 @@ class GoogleOAuth:
             raise ApiError(502, "upstream_error", "Google could not be reached") from None
         finally:
             if self._metrics is not None:
-                self._metrics.observe(UPSTREAM_METRIC, time.monotonic() - started,
+                self._metrics.observe(UPSTREAM_SECONDS, time.monotonic() - started,
                                       {"upstream": upstream})
 
     def _upstream_error(self, operation: str, response: Response) -> ApiError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+UPSTREAM_SECONDS = "enclave_upstream_seconds"  # latency of outbound calls, label `upstream`
 MAX_SERIES_PER_METRIC = 512  # bound label cardinality: unknown paths must not grow memory
 
 

@@ -17,11 +17,11 @@ import struct
 
 import cbor2
 
+from .config import NSM_DEVICE
 from .errors import EnclaveError
 
 logger = logging.getLogger(__name__)
 
-NSM_DEVICE = "/dev/nsm"
 NSM_IOCTL_MAGIC = 0x0A
 NSM_MESSAGE_BYTES = 32  # two iovecs of (u64 base, u64 len)
 NSM_IOCTL_REQUEST = 0xC0200A00  # _IOWR(0x0A, 0, 32): dir=3 << 30 | size 32 << 16 | 0x0A << 8 | 0

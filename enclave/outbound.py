@@ -105,7 +105,7 @@ class _EgressHTTPSConnection(http.client.HTTPSConnection):
         self._egress = connector
         self._tls_context = context
         self.last_used = time.monotonic()
-        self.answered = False  # a status line arrived for the current request
+        self.sent = False  # the current request was handed to the socket in full
 
     def connect(self) -> None:
         raw = self._egress.connect(self.host, self.port, self.timeout)
@@ -239,13 +239,15 @@ class OutboundClient:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     ssl.SSLEOFError) as exc:
                 conn.close()
-                if reused and not conn.answered:
-                    # A kept-alive connection the server closed while idle: the request got no
-                    # answer, so it is sent once more on a fresh connection (never on an answer).
+                if reused and not conn.sent:
+                    # A kept-alive connection the server closed while idle, found while sending:
+                    # the server cannot have seen the whole request, so it is sent once more on
+                    # a fresh connection. Once fully sent, never again: a POST (a single-use
+                    # authorization code) may already have been processed.
                     log.debug("stale keep-alive connection to %s:%d, reconnecting", host, port)
                     conn, reused = None, False
                     continue
-                if isinstance(exc, ssl.SSLEOFError):
+                if isinstance(exc, ssl.SSLEOFError) and not reused:
                     # A TLS-level EOF on a fresh connection: after a TLS 1.3 handshake this is
                     # how a server that refused our client certificate often looks.
                     raise UpstreamTLSError(
@@ -269,13 +271,13 @@ class OutboundClient:
             conn.connect()
             with self._lock:
                 self.connections_opened += 1
-        conn.answered = False
+        conn.sent = False
         sock = conn.sock  # kept: http.client drops conn.sock when the answer says "close"
         sock.settimeout(deadline.remaining())
         conn.request(method, target, body=body, headers=headers)
+        conn.sent = True
         sock.settimeout(deadline.remaining())
         resp = conn.getresponse()
-        conn.answered = True
         chunks, size = [], 0
         while not resp.isclosed():  # closed once the whole body is read
             sock.settimeout(deadline.remaining())

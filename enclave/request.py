@@ -58,7 +58,7 @@ class Request:
         """The body as a JSON object, or ApiError 400 (malformed_json / invalid_request)."""
         try:
             value = json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: "[[[[..."
             raise ApiError(400, "malformed_json", "request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise ApiError(400, "invalid_request", "request body must be a JSON object")

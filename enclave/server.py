@@ -8,6 +8,7 @@ graceful drain on shutdown. Handlers never leak tracebacks to clients.
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import logging
 import re
@@ -24,6 +25,7 @@ from .addresses import Address
 from .errors import ApiError
 from .metrics import Metrics
 from .request import Headers, Request
+from .rpcauth import AuthError
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,15 @@ MAX_HEADER_COUNT = 100  # header lines per request (http.client's own limit); mo
 DRAIN_SECONDS = 5.0  # on shutdown, in-flight requests get this long to finish
 LINGER_SECONDS = 2.0  # after an early error answer, drop the unread body this long at most
 LINGER_MAX_BYTES = 2 * 1024 * 1024  # ...and at most this much of it
+HEAD_DEADLINE_SECONDS = 10.0  # the request line and headers must arrive within this
+BODY_DEADLINE_SECONDS = 30.0  # the whole body (up to 1 MiB) must arrive within this
+READ_BUFFER_BYTES = 64 * 1024
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OVERFLOW_WRITE_SECONDS = 1.0  # how long the accept thread may spend telling a client "busy"
 LISTEN_BACKLOG = 128
 JSON_TYPE = "application/json"
 
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")  # ASCII digits only ("²".isdigit() is True)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: methods, header names
 
 Handler = Callable[[Request], "tuple[int, dict]"]
@@ -110,13 +117,37 @@ def error_body(code: str, message: str) -> bytes:
 
 
 
-def unauthorized() -> ApiError:
-    """The one opaque answer to every authentication failure."""
-    return ApiError(401, "unauthorized", "request authentication failed")
-
-
 BUSY_RESPONSE = _encode(503, error_body("too_many_connections", "server is at its connection limit"),
                         JSON_TYPE, close=True)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's read side with a deadline over a whole request head or body.
+
+    The idle timeout bounds each read; the deadline bounds their sum, so a client that drips
+    a byte every few seconds cannot hold a connection slot for ever.
+    """
+
+    def __init__(self, sock: socket.socket, idle_timeout: float):
+        self.sock = sock
+        self.idle_timeout = idle_timeout
+        self.deadline: float | None = None
+        self._timeout = idle_timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request not received within its deadline")
+            timeout = min(timeout, left)
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+        return self.sock.recv_into(buffer)
 
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
@@ -124,7 +155,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     server_version = "enclave"
     sys_version = ""
     timeout = IDLE_TIMEOUT_SECONDS  # applied by StreamRequestHandler.setup
+    head_deadline = HEAD_DEADLINE_SECONDS
+    body_deadline = BODY_DEADLINE_SECONDS
     server: "HttpServer"
+
+    def setup(self):
+        super().setup()  # the idle timeout on the socket, wfile
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader, READ_BUFFER_BYTES)
 
     # -- responses ---------------------------------------------------------------
     def _send(self, status: int, body: bytes, content_type: str = JSON_TYPE,
@@ -147,6 +185,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """Read one request head (strictly), dispatch it, answer in one write."""
         self._status = 0
         self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
+        # the wait for a keep-alive request plus its whole head
+        self._reader.deadline = time.monotonic() + self.timeout + self.head_deadline
         try:
             line = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
             if not line:
@@ -162,6 +202,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, OSError):
             self.close_connection = True
             return
+        self._reader.deadline = None
         if self.server.draining:
             self.close_connection = True
         self.server.request_started()
@@ -295,7 +336,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
             raise ApiError(411, "length_required", "Content-Length is required")
-        if len(lengths) > 1 or not lengths[0].strip().isdigit():
+        if len(lengths) > 1 or not _CONTENT_LENGTH.fullmatch(lengths[0]):
             raise ApiError(400, "invalid_content_length", "Content-Length must be one number")
         length = int(lengths[0])
         if length > route.max_body:
@@ -307,7 +348,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         pending = self._precheck(request) if route.auth else None
         if length and (self.headers.get("Expect") or "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for this
+        self._reader.deadline = time.monotonic() + self.body_deadline
         body = self.rfile.read(length) if length else b""
+        self._reader.deadline = None
         if len(body) != length:
             self.close_connection = True
             raise ConnectionError("client closed before sending the whole body")
@@ -330,7 +373,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise
         except Exception:  # an authenticator bug must fail closed, never open
             log.exception("authenticator error")
-            raise unauthorized() from None
+            raise AuthError("authenticator_error") from None
 
     def _finish_auth(self, pending, request: Request) -> None:
         try:
@@ -339,7 +382,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise
         except Exception:
             log.exception("authenticator error")
-            raise unauthorized() from None
+            raise AuthError("authenticator_error") from None
         request.authenticated = True
 
 
@@ -354,7 +397,8 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def __init__(self, address: Address, router: Router, *, metrics: Metrics | None = None,
                  authenticator=None,
                  max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT_SECONDS,
-                 handler_class=RequestHandler):
+                 head_deadline: float = HEAD_DEADLINE_SECONDS,
+                 body_deadline: float = BODY_DEADLINE_SECONDS, handler_class=RequestHandler):
         self.address_family = address.socket_family
         self.router = router
         self.metrics = metrics or Metrics()
@@ -365,7 +409,8 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._connections: set = set()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
-        handler = type("BoundHandler", (handler_class,), {"timeout": idle_timeout})
+        handler = type("BoundHandler", (handler_class,), {
+            "timeout": idle_timeout, "head_deadline": head_deadline, "body_deadline": body_deadline})
         self.metrics.describe("enclave_http_requests_total", "counter",
                               "HTTP requests by method, route and status")
         self.metrics.describe("enclave_http_request_seconds", "summary",
@@ -426,6 +471,7 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self._idle.notify_all()
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in KNOWN_METHODS else "OTHER"  # clients choose methods
         self.metrics.add_many((
             ("enclave_http_requests_total", {"method": method, "route": route, "status": str(status)}, 1.0),
             ("enclave_http_request_seconds_count", {"route": route}, 1.0),

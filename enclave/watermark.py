@@ -17,6 +17,7 @@ import threading
 import time
 
 from .errors import ApiError
+from .metrics import UPSTREAM_SECONDS
 from .identity import INTENT_WATERMARK, SigningIdentity, canonical_json, sha256
 from .outbound import OutboundClient, UpstreamTimeout, UpstreamTLSError, OutboundError
 from .request import Request
@@ -24,7 +25,6 @@ from .request import Request
 log = logging.getLogger(__name__)
 
 UPSTREAM_TIMEOUT_S = 10.0  # DESIGN §5: an upstream that takes longer answers 504
-UPSTREAM_METRIC = "enclave_upstream_seconds"
 
 
 class WatermarkService:
@@ -42,6 +42,7 @@ class WatermarkService:
         self._client: OutboundClient | None = None
         metrics.describe("enclave_watermark_requests_total", "counter",
                          "watermark RPCs by outcome")
+        metrics.describe(UPSTREAM_SECONDS, "summary", "Latency of upstream calls, by upstream")
 
     def _client_for(self, snapshot):
         """(pool, snapshot) for the newest context; an older pool is retired, never reused.
@@ -106,7 +107,7 @@ class WatermarkService:
             raise self._fail("unavailable", ApiError(
                 502, "upstream_unavailable", "the watermark service could not be reached")) from None
         finally:
-            self.metrics.observe(UPSTREAM_METRIC, time.perf_counter() - started,
+            self.metrics.observe(UPSTREAM_SECONDS, time.perf_counter() - started,
                                  {"upstream": "watermark"})
         if not 200 <= response.status < 300:
             raise self._fail("upstream_status", ApiError(

@@ -114,6 +114,12 @@ class FailClosed(unittest.TestCase):
          "GOOGLE_OAUTH_REVOKE_URL"),
         ("outbound CA override", {"ENCLAVE_OUTBOUND_CA_FILE": "/tmp/ca.pem"},
          "ENCLAVE_OUTBOUND_CA_FILE"),
+        ("mTLS material from the environment", {"MTLS_CLIENT_CERT_JSON": "{}"},
+         "MTLS_CLIENT_CERT_JSON"),
+        ("watermark endpoint from the environment",
+         {"ECS_WATERMARK_ENDPOINT": "https://wm.example:8443"}, "ECS_WATERMARK_ENDPOINT"),
+        ("empty attestation-required switch", {"TEE_ATTESTATION_REQUIRED": ""},
+         "TEE_ATTESTATION_REQUIRED"),
     ]
 
     def test_every_strict_rule_in_staging_and_production(self):
@@ -163,6 +169,19 @@ class FailClosed(unittest.TestCase):
              "ENCLAVE_OUTBOUND_CA_FILE"),
             ("bad egress route", {"ENCLAVE_EGRESS_ROUTES": "oauth2.googleapis.com=vsock:3:8443"},
              "ENCLAVE_EGRESS_ROUTES"),
+            ("ALFRED_ENV set but empty", {"ALFRED_ENV": ""}, "ALFRED_ENV"),
+            ("mode set but empty", {"ENCLAVE_RUNTIME_MODE": ""}, "ENCLAVE_RUNTIME_MODE"),
+            ("insecure switch set but empty", {"TEE_ALLOW_INSECURE_DEV_ATTESTATION": ""},
+             "TEE_ALLOW_INSECURE_DEV_ATTESTATION"),
+            ("a network peer may not deliver secrets",
+             {"ENCLAVE_SECRETS_ALLOWED_PEERS": "vsock:3,10.1.2.3"}, "ENCLAVE_SECRETS_ALLOWED_PEERS"),
+            ("the any-address is not a peer", {"ENCLAVE_SECRETS_ALLOWED_PEERS": "0.0.0.0"},
+             "ENCLAVE_SECRETS_ALLOWED_PEERS"),
+            ("skew with an underscore", {"ENCLAVE_RPC_AUTH_MAX_SKEW_SECONDS": "3_0"},
+             "ENCLAVE_RPC_AUTH_MAX_SKEW_SECONDS"),
+            ("timeout in Arabic-Indic digits",
+             {"ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS": "\u0665"},
+             "ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS"),
             ("remote without a document", {"ENCLAVE_RUNTIME_MODE": "remote"},
              "TEE_ATTESTATION_DOCUMENT"),
         ]
@@ -179,11 +198,17 @@ class FailClosed(unittest.TestCase):
         for p in found:
             self.assertNotIn(secret[:20], p)
 
-    def test_redacted_view_hides_secrets(self):
+    def test_redacted_view_and_repr_hide_secrets(self):
         s = load_settings(strict_env("production"))
-        shown = str(s.redacted())
-        self.assertNotIn(STRONG_SECRET, shown)
-        self.assertNotIn("PRIVATE KEY", shown)
+        for shown in (str(s.redacted()), repr(s)):
+            self.assertNotIn(STRONG_SECRET, shown)
+            self.assertNotIn("PRIVATE KEY", shown)
+
+    def test_loopback_peers_and_fractional_timeouts_are_accepted(self):
+        s = load_settings({"ENCLAVE_SECRETS_ALLOWED_PEERS": "vsock:3, 127.0.0.2, ::1",
+                           "ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS": "0.5"})
+        self.assertEqual(s.secrets_allowed_peers, ("vsock:3", "127.0.0.2", "::1"))
+        self.assertEqual(s.secrets_initial_timeout_s, 0.5)
 
 
 class CheckConfigCommand(unittest.TestCase):

@@ -8,7 +8,7 @@ import time
 import unittest
 
 from enclave.errors import ApiError
-from enclave.server import HttpServer, Router
+from enclave.server import HttpServer, RequestHandler, Router
 from tests.support import (LOOPBACK_ANY_PORT, captured_logs, http_call, parse_raw_response,
                            raw_exchange, running_server)
 
@@ -37,7 +37,7 @@ def make_router(gate: threading.Event | None = None, entered: threading.Event | 
 
 def post(port, body: bytes, headers: dict) -> bytes:
     lines = ["POST /echo HTTP/1.1", "Host: x"] + [f"{k}: {v}" for k, v in headers.items()]
-    return raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
 
 class Answers(unittest.TestCase):
@@ -66,14 +66,26 @@ class Answers(unittest.TestCase):
         resp = conn.getresponse()
         self.assertEqual(json.loads(resp.read()), {"echo": {"a": 1}})
 
-    def test_status_line_headers_and_body_arrive_in_one_segment(self):
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            time.sleep(0.2)  # let the whole answer arrive; one recv must hold all of it
-            data = sock.recv(65536)
-        status, headers, body = parse_raw_response(data)
-        self.assertEqual(status, 200)
-        self.assertEqual(len(body), int(headers["content-length"]))
+    def test_each_answer_is_one_write_on_a_nodelay_socket(self):
+        writes, nodelay = [], []
+
+        class Counting(RequestHandler):
+            def setup(self):
+                super().setup()
+                nodelay.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                real = self.wfile.write
+                self.wfile.write = lambda data: (writes.append(len(data)), real(data))[1]
+
+        with running_server(make_router(), handler_class=Counting) as server:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            for path in ("/healthz", "/nope", "/refuse", "/healthz"):
+                conn.request("GET", path)
+                conn.getresponse().read()
+            conn.request("POST", "/echo", body=b'{"a": 1}', headers={"Content-Type": "application/json"})
+            conn.getresponse().read()
+            conn.close()
+        self.assertEqual(len(writes), 5, writes)  # five answers, five writes
+        self.assertTrue(nodelay and all(nodelay), nodelay)
 
     def test_error_table(self):
         big = b"x" * (64 * 1024 + 1)
@@ -83,6 +95,9 @@ class Answers(unittest.TestCase):
              "method_not_allowed"),
             ("malformed JSON", lambda: http_call(self.port, "POST", "/echo", b"{nope",
                                                  {"Content-Type": "application/json"}), 400,
+             "malformed_json"),
+            ("JSON nested too deeply", lambda: http_call(
+                self.port, "POST", "/echo", b"[" * 60000, {"Content-Type": "application/json"}), 400,
              "malformed_json"),
             ("JSON that is not an object", lambda: http_call(
                 self.port, "POST", "/echo", b"[1]", {"Content-Type": "application/json"}), 400,
@@ -121,6 +136,8 @@ class Answers(unittest.TestCase):
                                                     "Content-Type": "application/json"}), 400),
             ("garbage length", post(self.port, b"{}", {"Content-Length": "-2",
                                                        "Content-Type": "application/json"}), 400),
+            ("non-ASCII digit length", post(self.port, b"{}", {"Content-Length": "\u00b2",
+                                                               "Content-Type": "application/json"}), 400),
             ("request line too long",
              raw_exchange(self.port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"), 414),
             ("not HTTP", raw_exchange(self.port, b"hello there\r\n\r\n"), 400),
@@ -154,6 +171,19 @@ class Answers(unittest.TestCase):
             status, _, body = parse_raw_response(sock.recv(65536))
         self.assertEqual((status, json.loads(body)), (200, {"echo": {"a": 1}}))
 
+    def test_clients_cannot_fill_the_metrics_with_invented_methods(self):
+        for i in range(600):
+            raw_exchange(self.port, f"M{i} /healthz HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+        http_call(self.port, "GET", "/healthz")
+        m = self.server.metrics
+        deadline = time.monotonic() + 5
+        labels = {"method": "GET", "route": "/healthz", "status": "200"}
+        while time.monotonic() < deadline and not m.value("enclave_http_requests_total", labels):
+            time.sleep(0.01)
+        self.assertEqual(m.value("enclave_http_requests_total", labels), 1)
+        self.assertGreater(m.value("enclave_http_requests_total",
+                                   {"method": "OTHER", "route": "/healthz", "status": "405"}), 0)
+
     def test_metrics_count_requests_by_route_and_status(self):
         http_call(self.port, "GET", "/healthz")
         http_call(self.port, "GET", "/nope")
@@ -178,7 +208,37 @@ class Limits(unittest.TestCase):
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
                 started = time.monotonic()
                 self.assertEqual(sock.recv(1), b"")  # the server closed it
-                self.assertLess(time.monotonic() - started, 9)
+                self.assertLess(time.monotonic() - started, 5)  # 0.5 s, not the 10 s default
+
+    def test_a_client_dripping_its_request_is_cut_off_at_the_deadline(self):
+        cases = [
+            ("head", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Drip: ", b"a"),
+            ("body", b"POST /echo HTTP/1.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n", b" "),
+        ]
+        with running_server(make_router(), idle_timeout=0.5, head_deadline=1.0,
+                            body_deadline=1.0) as server:
+            for name, start, drip in cases:
+                with self.subTest(name):
+                    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                        sock.sendall(start)
+                        began, closed = time.monotonic(), False
+                        while time.monotonic() - began < 8:  # bounded: 20 drips at most
+                            time.sleep(0.3)  # each drip inside the idle timeout
+                            try:
+                                sock.sendall(drip)
+                            except OSError:
+                                closed = True
+                                break
+                            sock.settimeout(0.01)
+                            try:
+                                if sock.recv(1) == b"":
+                                    closed = True
+                                    break
+                            except socket.timeout:
+                                pass
+                        self.assertTrue(closed, "the dripping connection was never closed")
+                        self.assertLess(time.monotonic() - began, 5)
 
     def test_connection_beyond_the_cap_gets_503_and_the_server_stays_responsive(self):
         with running_server(make_router(), max_connections=2) as server:
