@@ -10,8 +10,8 @@ when all of them held, 1 otherwise, 2 on usage errors. A check that could not ru
   metrics                   GET /metrics answers 200 in the Prometheus text format
   document                  GET /v1/attestation/document answers 200 with the documented shape
   document verifies         the document verifies (enclave.verify) now, against the AWS Nitro
-                            root (+ --root), plus the INSECURE dev root unless
-                            --require-attestation; its JSON summary matches the document
+                            root (+ --root); the INSECURE dev root (and INSECURE --root files)
+                            only with --allow-insecure-dev; its JSON summary matches the document
   challenge                 POST /v1/attestation/challenge with a fresh random nonce answers
                             200 with the documented shape, echoing the nonce
   challenge verifies        that document and evidence verify, bound to the nonce, fresh, under
@@ -21,6 +21,11 @@ when all of them held, 1 otherwise, 2 on usage errors. A check that could not ru
   rpc PATH refuses tampered     a POST whose body changed after signing answers 401
   rpc signed request accepted   a correctly signed POST (refresh with an empty object: refused
                             as invalid before any upstream call) is not refused with 401
+
+Trust: by default only the AWS Nitro root and non-INSECURE --root files, so a dev-shim runtime
+fails `document verifies` at step 3. --allow-insecure-dev (development only) also trusts the
+INSECURE dev root under --state-dir and INSECURE --root files; it contradicts
+--require-attestation (exit 2).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import base64
 import http.client
 import json
 import os
-import re
 import secrets
 import ssl
 import sys
@@ -40,7 +44,7 @@ from cryptography import x509
 
 from . import verify
 from .cmd_sign import resolve_secret
-from .cmd_verify import UsageError, dev_roots, parse_pcrs, read_roots
+from .cmd_verify import DEFAULT_STATE_DIR, UsageError, dev_roots, parse_pcrs, read_roots
 from .rpcauth import new_nonce, sign_request
 
 HELP = "fail-closed start-up probe of a running runtime"
@@ -67,7 +71,6 @@ HEALTH_KEYS = ("status", "mode", "env", "secrets", "mtls", "attestation", "uptim
 DOCUMENT_KEYS = ("format", "document", "public_key", "module_id", "timestamp_ms", "pcrs",
                  "insecure")
 CHALLENGE_KEYS = ("nonce", "document", "nonce_bound_document", "evidence", "public_key")
-_PCR = re.compile(r"(\d{1,2})=([0-9a-fA-F]+)")
 
 
 class CheckFailed(Exception):
@@ -83,12 +86,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--secret", help="RPC shared secret (default: ENCLAVE_RPC_SHARED_SECRET, "
                                          "or the local default when ALFRED_ENV is local)")
     parser.add_argument("--require-attestation", action="store_true",
-                        help="strict: refuse dev-shim/INSECURE documents; trust only the AWS "
-                             "Nitro root (and --root)")
+                        help="strict: also require mode remote and an nsm/static source, refuse "
+                             "dev-shim documents; contradicts --allow-insecure-dev")
+    parser.add_argument("--allow-insecure-dev", action="store_true",
+                        help="development only: accept INSECURE dev-shim documents: trust the "
+                             "dev root from --state-dir (and INSECURE --root files)")
     parser.add_argument("--root", action="append", default=[], metavar="PEM",
-                        help="also trust this root certificate file (repeatable)")
+                        help="also trust this root certificate file (repeatable); the AWS Nitro "
+                             "Root-G1 is always trusted")
     parser.add_argument("--state-dir", metavar="DIR", default=None,
-                        help="where the dev root lives when not strict (default "
+                        help="where the dev root lives, with --allow-insecure-dev (default "
                              "$ENCLAVE_STATE_DIR or .local)")
     parser.add_argument("--pcr", action="append", default=[], metavar="N=HEX",
                         help="expected PCR value (repeatable), checked on every document")
@@ -427,16 +434,27 @@ def build(args, environ=None) -> Probe:
     environ = os.environ if environ is None else environ
     if not 0 < args.timeout <= MAX_TIMEOUT_S:
         raise UsageError(f"--timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds")
-    strict = args.require_attestation
-    roots = [verify.nitro_root_der()] + read_roots(
-        args.root, not strict, "it cannot be trusted with --require-attestation")
-    note = "--require-attestation trusts only the AWS Nitro root and --root"
-    if not strict:
+    strict, allow_insecure = args.require_attestation, args.allow_insecure_dev
+    if strict and allow_insecure:
+        raise UsageError("--require-attestation and --allow-insecure-dev contradict each other")
+    hint = ("it cannot be trusted with --require-attestation" if strict
+            else "add --allow-insecure-dev (development only)")
+    roots = [verify.nitro_root_der()] + read_roots(args.root, allow_insecure, hint)
+    if strict:
+        note = "--require-attestation trusts only the AWS Nitro root and --root"
+    elif not allow_insecure:
+        note = "dev-shim runtime? add --allow-insecure-dev"
+    else:
+        note = "trusted: the AWS Nitro root, --root and the INSECURE dev root"
+        state_dir = args.state_dir or environ.get("ENCLAVE_STATE_DIR")
         try:
-            roots += dev_roots(args.state_dir or environ.get("ENCLAVE_STATE_DIR"))
-            note = "trusted: AWS Nitro root and the INSECURE dev root"
-        except UsageError as exc:
-            note = f"{exc}: pass --state-dir or --root for a dev-shim runtime"
+            roots += dev_roots(state_dir or DEFAULT_STATE_DIR)
+        except UsageError:
+            # The default location may lack a dev root when --root names the roots to trust;
+            # an explicit --state-dir, or no --root at all, must hold one.
+            if state_dir or not args.root:
+                raise
+            note = "trusted: the AWS Nitro root and --root (no dev root found)"
     return Probe(args.base_url, timeout=args.timeout, secret=resolve_secret(args, environ),
                  strict=strict, roots=roots, dev_root_note=note,
                  expected_pcrs=parse_pcrs(args.pcr))

@@ -313,6 +313,9 @@ until curl --silent --fail --max-time 2 --output /dev/null "$base_url/healthz?re
   sleep "$POLL_S"
 done
 
+# The probe trusts the INSECURE dev root only when told to, and where it lives.
+probe_flags="--allow-insecure-dev"
+[ "$state" = "$REPO/.local" ] || probe_flags+=" --state-dir $(rel "$state")"
 cat <<EOF
 $PROG: ready. Local stack (INSECURE dev-shim attestation: development only):
   runtime API       $base_url            curl -s $base_url/healthz
@@ -322,7 +325,7 @@ $PROG: ready. Local stack (INSECURE dev-shim attestation: development only):
   dev PKI           $(rel "$PKI")/   dev attestation root: $(rel "$state")/dev-attestation/root.crt
   logs              $(rel "$LOGS")/{runtime,fake-google,fake-watermark,secrets,pki}.log
   pids              $(rel "$RUN_PID") (this script), $(rel "$PIDS")/*.pid
-Check it:  scripts/smoke.sh $base_url    .venv/bin/python enclave.py probe $base_url
+Check it:  scripts/smoke.sh $base_url    .venv/bin/python enclave.py probe $probe_flags $base_url
 Stop it:   Ctrl-C here, or $stop_hint from another terminal
 EOF
 

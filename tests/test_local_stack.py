@@ -137,6 +137,8 @@ class LocalStackTest(unittest.TestCase):
         for name, pid in children.items():
             self.assertTrue(_alive(pid), f"{name} ({pid}) is not running")
         self.assertEqual(int((self.state / "run.pid").read_text()), proc.pid)
+        self.assertIn(f"enclave.py probe --allow-insecure-dev --state-dir {self.state} "
+                      f"{self.base_url}", self.output())  # the printed "Check it:" hint
 
         tools_env = {**self.env, "ENCLAVE_STATE_DIR": str(self.state), "PYTHON": sys.executable}
         smoke = self.run_step("bash", str(SMOKE), self.base_url, env=tools_env)
@@ -145,8 +147,15 @@ class LocalStackTest(unittest.TestCase):
         self.assertIn("PASS rpc signed watermark answers, signature verifies", smoke.stdout)
         self.assertRegex(smoke.stdout, r"smoke: \d+ passed, 0 failed")
 
+        # The probe trusts the stack's INSECURE dev root only when told to ...
+        default = self.run_step(sys.executable, "enclave.py", "probe", self.base_url,
+                                "--state-dir", str(self.state), env=tools_env)
+        self.assertEqual(default.returncode, 1, default.stdout + default.stderr)
+        self.assertRegex(default.stdout, r"FAIL document verifies: step 3 .*--allow-insecure-dev")
+        # ... and then every check holds.
         probe = self.run_step(sys.executable, "enclave.py", "probe", self.base_url,
-                              "--state-dir", str(self.state), env=tools_env)
+                              "--allow-insecure-dev", "--state-dir", str(self.state),
+                              env=tools_env)
         self.assertEqual(probe.returncode, 0, probe.stdout + probe.stderr)
         self.assertIn("all checks hold", probe.stdout)
 

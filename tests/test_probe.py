@@ -4,6 +4,7 @@ The runtimes here are real parts (dev-shim attestation, the HTTP server, the RPC
 the /healthz code) on 127.0.0.1:0, with the Google and watermark handlers replaced by stubs
 that answer 400 (the probe never needs an upstream). Broken variants change one thing each.
 The probe runs as the real command in a subprocess, so exit codes are checked as shipped.
+The runtimes are dev-shim, so the probe gets --allow-insecure-dev unless a test says otherwise.
 """
 
 from __future__ import annotations
@@ -82,13 +83,26 @@ class ProbeTest(unittest.TestCase):
                           google=_Rpc(), watermark=_Rpc(), authenticator=auth)
         return runtime.router(), auth, service
 
-    def probe(self, port: int, *extra: str) -> tuple[int, str]:
+    def probe(self, port: int, *extra: str, dev: bool = True,
+              env_extra: dict | None = None) -> tuple[int, str]:
+        """Run the probe; `dev` adds --allow-insecure-dev (the runtimes here are dev-shim)."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("ENCLAVE_", "TEE_", "ALFRED_"))}
+        env.update(env_extra or {})
+        flags = ["--allow-insecure-dev"] if dev else []
         proc = subprocess.run(
             [sys.executable, "enclave.py", "probe", f"http://127.0.0.1:{port}",
-             "--state-dir", self.state_dir, "--secret", SECRET, *extra],
+             "--state-dir", self.state_dir, "--secret", SECRET, *flags, *extra],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def probe_bare(self, *args: str, env_extra: dict | None = None) -> tuple[int, str]:
+        """Run the probe with exactly these arguments (no --state-dir, no --secret)."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("ENCLAVE_", "TEE_", "ALFRED_"))}
+        env.update(env_extra or {})
+        proc = subprocess.run([sys.executable, "enclave.py", "probe", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
         return proc.returncode, proc.stdout + proc.stderr
 
     def assertFailed(self, code: int, output: str, check: str, reason: str = ""):
@@ -172,16 +186,81 @@ class ProbeTest(unittest.TestCase):
     def test_require_attestation_refuses_dev_shim(self):
         router, auth, _ = self.runtime()
         with running_server(router, authenticator=auth) as server:
-            code, output = self.probe(server.port, "--require-attestation")
+            code, output = self.probe(server.port, "--require-attestation", dev=False)
         self.assertFailed(code, output, "healthz", "expected mode remote")
         self.assertFailed(code, output, "document verifies", "step 3")
         self.assertFailed(code, output, "challenge verifies", "step 3")
 
     def test_require_attestation_refuses_an_insecure_root(self):
         root = Path(self.state_dir) / "dev-attestation" / "root.crt"
-        code, output = self.probe(1, "--require-attestation", "--root", str(root))
+        code, output = self.probe(1, "--require-attestation", "--root", str(root), dev=False)
         self.assertEqual(code, 2, output)
         self.assertIn("INSECURE", output)
+
+    # -- the INSECURE dev root is trusted only with --allow-insecure-dev ----------------------
+    def test_dev_shim_refused_without_allow_insecure_dev(self):
+        # The dev root is on disk (--state-dir) but not asked for: the default must not trust it.
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port, dev=False)
+        self.assertFailed(code, output, "document verifies", "step 3")
+        self.assertFailed(code, output, "document verifies", "add --allow-insecure-dev")
+        self.assertFailed(code, output, "challenge verifies", "step 3")
+        self.assertIn("ok   healthz", output)  # not strict: only the trust anchor differs
+        self.assertIn("NOT SAFE TO USE", output)
+
+    def test_dev_shim_refused_with_dev_root_in_environment(self):
+        # ENCLAVE_STATE_DIR pointing at a dev root is no opt-in either.
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe_bare(f"http://127.0.0.1:{server.port}", "--secret", SECRET,
+                                           env_extra={"ENCLAVE_STATE_DIR": self.state_dir})
+        self.assertFailed(code, output, "document verifies", "step 3")
+
+    def test_dev_shim_accepted_with_allow_insecure_dev(self):
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe(server.port)  # --allow-insecure-dev
+        self.assertEqual(code, 0, output)
+        self.assertIn("ok   document verifies", output)
+        self.assertIn("INSECURE dev root", output)
+
+    def test_dev_root_from_environment_with_allow_insecure_dev(self):
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            code, output = self.probe_bare(f"http://127.0.0.1:{server.port}", "--secret", SECRET,
+                                           "--allow-insecure-dev",
+                                           env_extra={"ENCLAVE_STATE_DIR": self.state_dir})
+        self.assertEqual(code, 0, output)
+
+    def test_insecure_root_needs_allow_insecure_dev(self):
+        root = str(Path(self.state_dir) / "dev-attestation" / "root.crt")
+        code, output = self.probe_bare("http://127.0.0.1:1", "--root", root)
+        self.assertEqual(code, 2, output)
+        self.assertIn("INSECURE", output)
+        self.assertIn("--allow-insecure-dev", output)
+
+    def test_insecure_root_accepted_with_allow_insecure_dev(self):
+        root = str(Path(self.state_dir) / "dev-attestation" / "root.crt")
+        router, auth, _ = self.runtime()
+        with running_server(router, authenticator=auth) as server:
+            # No --state-dir: the default location may lack a dev root; --root is the trust.
+            code, output = self.probe_bare(f"http://127.0.0.1:{server.port}", "--secret", SECRET,
+                                           "--allow-insecure-dev", "--root", root)
+        self.assertEqual(code, 0, output)
+
+    def test_allow_insecure_dev_without_a_dev_root(self):
+        with tempfile.TemporaryDirectory() as empty:
+            code, output = self.probe_bare("http://127.0.0.1:1", "--allow-insecure-dev",
+                                           "--state-dir", empty)
+        self.assertEqual(code, 2, output)
+        self.assertNotIn("ok   ", output)
+
+    def test_require_attestation_contradicts_allow_insecure_dev(self):
+        code, output = self.probe(1, "--require-attestation")  # plus --allow-insecure-dev
+        self.assertEqual(code, 2, output)
+        self.assertIn("--require-attestation and --allow-insecure-dev", output)
+        self.assertNotIn("ok   ", output)
 
     def test_unexpected_pcr(self):
         router, auth, _ = self.runtime()
