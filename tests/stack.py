@@ -21,9 +21,11 @@ from enclave.service import start
 from tests.fakes.fake_google import FakeGoogle
 from tests.fakes.fake_watermark import FakeWatermark
 from tests.fakes.pki import TestCA
+from tests.support import remember_key_files, remember_private_key, remember_secret
 
 GOOGLE_CLIENT_ID = "stack-client-id.apps.googleusercontent.com"
 GOOGLE_CLIENT_SECRET = "stack-google-client-secret-value"
+remember_secret(GOOGLE_CLIENT_SECRET, kind="google client secret")
 
 
 def send_secrets(port: int, payload: bytes, timeout: float = 15.0) -> dict:
@@ -72,7 +74,15 @@ class LocalStack:
         environ.update(env or {})
         self.settings = load_settings(environ)
         self.secret = self.settings.rpc_shared_secret or LOCAL_DEFAULT_RPC_SECRET
+        if self.secret != LOCAL_DEFAULT_RPC_SECRET:  # the local default is public
+            remember_secret(self.secret, kind="rpc shared secret")
+        remember_secret(self.settings.google_client_secret, kind="google client secret")
+        if self.settings.signing_private_key_pem:
+            remember_private_key(self.settings.signing_private_key_pem, kind="signing key PEM")
+        # Client/server/CA private keys are registered by TestCA as it issues them.
         self.running = start(self.settings)
+        # Generated per boot when not configured (local/test): must never be logged either.
+        remember_secret(self.running.runtime.store.sealing_key(), kind="token sealing key")
         self.port = self.running.http.port
         self.secrets_port = self.running.listener.address.port
 
@@ -125,6 +135,7 @@ class LocalStack:
 
     def close(self) -> None:
         self.running.stop()
+        remember_key_files(self.dir, kind="stack state")  # the dev-shim root key, client.key
         if self.fake_wm:
             self.fake_wm.stop()
         if self.fake_google:

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import http.client
 import json
-import logging
 import os
 import re
 import secrets
@@ -28,6 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from enclave import attestation, devpki, identity, verify
+from tests.support import (keep_off_console, remember_key_files, remember_private_key,
+                           remember_secret, scan_later)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCLAVE_PY = ROOT / "enclave.py"
@@ -51,8 +52,10 @@ def clean_env(**extra) -> dict:
 
 
 def pem(key) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    text = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption()).decode("ascii")
+    remember_private_key(text, kind="signing key PEM")
+    return text
 
 
 def b64(data: bytes) -> str:
@@ -73,11 +76,12 @@ class Server:
             "ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS": "0",
             "ENCLAVE_STATE_DIR": str(self.state_dir),
             "ENCLAVE_CERTS_DIR": str(self.state_dir / "certs"),
-            "ENCLAVE_LOG_LEVEL": "INFO",
+            "ENCLAVE_LOG_LEVEL": "DEBUG",  # every line goes to the end-of-run secret scan
             "ENCLAVE_LOG_FORMAT": "text",
         })
         environ.update(env)
         self._log = open(self.log_path, "wb")
+        self._scanned = False
         self.started = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, str(ENCLAVE_PY), "serve"], cwd=ROOT,
                                      env=environ, stdin=subprocess.DEVNULL,
@@ -113,6 +117,10 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+        if not self._scanned:  # the child's whole log goes to the end-of-run secret scan
+            self._scanned = True
+            remember_key_files(self.state_dir, kind="serve state")  # the dev-shim root key
+            scan_later(self.log(), "enclave.py serve stderr")
         return self.proc.returncode
 
     def call(self, method: str, path: str, body=None, headers: dict | None = None):
@@ -136,6 +144,7 @@ def run_command(argv: list, *, stdin: bytes | None = None, cwd=ROOT, env: dict |
     """(exit code, parsed JSON stdout or None, stderr) of one command in a subprocess."""
     proc = subprocess.run([sys.executable, *map(str, argv)], input=stdin, capture_output=True,
                           cwd=cwd, env=env or clean_env(), timeout=COMMAND_TIMEOUT_S)
+    scan_later(proc.stderr, f"{Path(str(argv[0])).name} stderr")
     out = proc.stdout.decode()
     try:
         parsed = json.loads(out) if out.strip() else None
@@ -315,11 +324,9 @@ class TestZipappVerify(TempDirCase):
 class TestStaticDocumentStartup(TempDirCase):
     def setUp(self):
         super().setUp()
-        logger = logging.getLogger("enclave")
-        level = logger.level
-        logger.setLevel(logging.ERROR)  # the dev PKI warns loudly when it mints
-        self.addCleanup(logger.setLevel, level)
+        self.addCleanup(keep_off_console("enclave"))  # the dev PKI warns loudly when it mints
         self.root = devpki.load_or_create_root(self.dir / "minter")
+        remember_key_files(self.dir / "minter", kind="dev root")
 
     def mint(self, private_key, name: str) -> Path:
         """A dev-shim document whose public_key is `private_key`'s, written as base64."""
@@ -330,10 +337,12 @@ class TestStaticDocumentStartup(TempDirCase):
     def serve(self, document: Path, key_setting: str) -> Server:
         state = self.dir / f"state-{secrets.token_hex(4)}"
         state.mkdir()
+        rpc_secret = secrets.token_hex(32)
+        remember_secret(rpc_secret, kind="rpc shared secret")
         server = Server(state, **{
             "ALFRED_ENV": "test",
             "ENCLAVE_RUNTIME_MODE": "remote",
-            "ENCLAVE_RPC_SHARED_SECRET": secrets.token_hex(32),
+            "ENCLAVE_RPC_SHARED_SECRET": rpc_secret,
             "TEE_ATTESTATION_DOCUMENT_PATH": str(document),
             "TEE_ATTESTATION_SIGNING_PRIVATE_KEY": key_setting,
         })

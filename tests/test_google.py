@@ -15,12 +15,14 @@ from email.message import Message
 
 from enclave import sealing
 from enclave.errors import ApiError
-from enclave.google import GoogleOAuth, OUTCOME_METRIC, UPSTREAM_METRIC
+from enclave.google import GoogleOAuth, OUTCOME_METRIC
+from enclave.metrics import UPSTREAM_SECONDS as UPSTREAM_METRIC
 from enclave.metrics import Metrics
 from enclave.outbound import OutboundClient
 from enclave.request import Request
 from tests.fakes.fake_google import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeGoogle
 from tests.fakes.pki import TestCA
+from tests.support import remember_secret
 
 REDIRECT = "https://app.example/oauth/callback"
 HANG_DEADLINE_S = 1.0
@@ -70,6 +72,12 @@ def _collect_fake_secrets():
     SECRET_VALUES.update(state.codes, state.refresh_tokens, state.access_tokens)
 
 
+def new_sealing_key() -> bytes:
+    key = os.urandom(32)
+    remember_secret(key, kind="token sealing key")
+    return key
+
+
 def request(body, path="/v1/rpc/google/token/exchange") -> Request:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = Message()
@@ -83,6 +91,7 @@ def pkce_pair():
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()) \
         .rstrip(b"=").decode()
     SECRET_VALUES.add(verifier)
+    remember_secret(verifier, kind="pkce code verifier")
     return verifier, challenge
 
 
@@ -90,7 +99,7 @@ class GoogleTestCase(unittest.TestCase):
     def setUp(self):
         FAKE.set_mode("normal")
         self.addCleanup(FAKE.set_mode, "normal")
-        self.key = os.urandom(32)
+        self.key = new_sealing_key()
         self.creds = (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
         self.metrics = Metrics()
         self.google = GoogleOAuth(lambda: self.creds, lambda: self.key, CLIENT, FAKE.token_url,
@@ -106,6 +115,7 @@ class GoogleTestCase(unittest.TestCase):
         for name in ("access_token", "id_token", "sealed_refresh_token"):
             if name in answer:
                 SECRET_VALUES.add(answer[name])
+                remember_secret(answer[name], kind=name.replace("_", " "))
         return status, answer
 
     def assertApiError(self, status, code, handler, body):
@@ -268,13 +278,15 @@ class RefreshTest(GoogleTestCase):
         sealed = self.exchange_sealed()
         before = FAKE.state.token_requests
         with self.subTest("another key"):
-            self.key = os.urandom(32)
+            self.key = new_sealing_key()
             self.assertApiError(400, "invalid_sealed_token", self.google.refresh,
                                 {"sealed_refresh_token": sealed})
-        raw_key = os.urandom(32)
+        raw_key = new_sealing_key()
         self.key = raw_key
+        remember_secret("1//0g-some-token", kind="google refresh token")
         resealed = sealing.seal(raw_key, "1//0g-some-token", DEFAULT_CLIENT_ID)
         SECRET_VALUES.add(resealed)
+        remember_secret(resealed, kind="sealed refresh token")
         for index in range(len(resealed)):
             changed = resealed[:index] + ("A" if resealed[index] != "A" else "B") + resealed[index + 1:]
             with self.subTest(changed_index=index):
@@ -282,6 +294,7 @@ class RefreshTest(GoogleTestCase):
                                     {"sealed_refresh_token": changed})
         with self.subTest("sealed for another client"):
             other = sealing.seal(raw_key, "1//0g-some-token", "other-client")
+            remember_secret(other, kind="sealed refresh token")
             self.assertApiError(400, "invalid_sealed_token", self.google.refresh,
                                 {"sealed_refresh_token": other})
         self.assertEqual(FAKE.state.token_requests, before)  # Google never called
@@ -348,7 +361,7 @@ class RevokeTest(GoogleTestCase):
             with self.subTest(name):
                 self.assertApiError(400, "invalid_request", self.google.revoke, body)
         with self.subTest("sealed under another key"):
-            self.key = os.urandom(32)
+            self.key = new_sealing_key()
             self.assertApiError(400, "invalid_sealed_token", self.google.revoke,
                                 {"sealed_refresh_token": sealed})
         for mode, status, code in (("error500", 502, "upstream_error"),

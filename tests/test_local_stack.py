@@ -6,6 +6,7 @@ never collide with a developer's own stack (.local, 8181/7777/9443/9444). Every 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,8 @@ import time
 import unittest
 import urllib.request
 from pathlib import Path
+
+from tests import support
 
 REPO = Path(__file__).resolve().parent.parent
 START = REPO / "scripts" / "start-local.sh"
@@ -183,6 +186,13 @@ class LocalStackTest(unittest.TestCase):
         self.assertEqual(list((self.state / "pids").iterdir()), [])
         self.assertFalse((self.state / "run.pid").exists())
         self.assertIn("stopped", (self.state / "logs" / "runtime.log").read_text())
+        # every secret the stack used (dev keys, the delivered secrets) is kept out of its logs
+        support.remember_key_files(self.state)
+        delivered = json.loads(next(self.state.glob("secrets*.json")).read_text())
+        support.remember_secret(delivered.get("GOOGLE_OAUTH_CLIENT_SECRET"), kind="google client secret")
+        for log_file in sorted((self.state / "logs").glob("*.log")):
+            support.scan_later(log_file.read_text(), f"local stack {log_file.name}")
+        support.scan_later(self.output(), "start-local.sh output")
         for port in self.ports:  # every port is free again
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -13,6 +13,7 @@ from enclave import attestation, devpki, nsm, verify
 from enclave.config import Settings
 from enclave.identity import SigningIdentity
 from tests.fakes.fake_nsm import FakeNsm
+from tests.support import remember_private_key
 
 
 class NsmTestCase(unittest.TestCase):
@@ -116,6 +117,7 @@ class TestNsmSource(NsmTestCase):
         pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption())
+        remember_private_key(pem, kind="signing key PEM")
         identity = SigningIdentity.from_pem(pem)
         base = Settings(env="test", mode="remote", state_dir=self._tmp.name,
                         allow_insecure_dev_attestation=False, signing_private_key_pem=pem,

@@ -22,10 +22,13 @@ from pathlib import Path
 from enclave import cmd_sign
 from enclave.config import LOCAL_DEFAULT_RPC_SECRET
 from enclave.rpcauth import AuthError, RpcAuthenticator
+from tests.support import remember_secret, scan_later
 
 ROOT = Path(__file__).resolve().parent.parent
 RPC_SH = ROOT / "scripts" / "rpc.sh"
 SECRET = "rpc-sh-test-secret-0123456789abcdef-XYZ"
+WRONG_SECRET = "not-the-secret-" + "z" * 30
+remember_secret(SECRET, WRONG_SECRET, "from-flag", "from-env", kind="rpc shared secret")
 SKEW = 30
 
 
@@ -86,8 +89,10 @@ class RpcShTest(unittest.TestCase):
         env["ENCLAVE_RUNTIME_BASE_URL"] = self.base_url
         if secret is not None:
             env["ENCLAVE_RPC_SHARED_SECRET"] = secret
-        return subprocess.run(["bash", str(RPC_SH), *args], env=env, capture_output=True,
-                              timeout=30, text=True)
+        result = subprocess.run(["bash", str(RPC_SH), *args], env=env, capture_output=True,
+                                timeout=30, text=True)
+        scan_later(result.stderr, "rpc.sh stderr")
+        return result
 
     def ok(self, *args, **kwargs) -> dict:
         result = self.rpc(*args, **kwargs)
@@ -127,7 +132,7 @@ class RpcShTest(unittest.TestCase):
 
     def test_wrong_secret_is_refused_and_exits_non_zero(self):
         with self.assertLogs("enclave.rpcauth", "WARNING"):
-            result = self.rpc("POST", "/v1/rpc/echo", "{}", secret="not-the-secret-" + "z" * 30)
+            result = self.rpc("POST", "/v1/rpc/echo", "{}", secret=WRONG_SECRET)
         self.assertNotEqual(result.returncode, 0)
         self.assertIn('"unauthorized"', result.stdout)
         self.assertEqual(self.server.reasons[-1], "bad_signature")
@@ -151,6 +156,7 @@ class SignCommandTest(unittest.TestCase):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cmd_sign.run(parser.parse_args(argv), environ)
+        scan_later(err.getvalue(), "sign stderr")
         return code, out.getvalue(), err.getvalue()
 
     def headers(self, text):

@@ -10,9 +10,12 @@ from enclave.metrics import Metrics
 from enclave.rpcauth import (AUTH_FAILURES_METRIC, HEADER_NONCE, HEADER_SIGNATURE,
                              HEADER_TIMESTAMP, AuthError, ReplayCacheFull, RpcAuthenticator,
                              new_nonce, sign_request, string_to_sign)
+from tests.support import remember_secret
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 OLD_SECRET = "old-secret-0123456789abcdef0123456789a"
+remember_secret(SECRET, OLD_SECRET, "another-secret-" + "x" * 32, "wrong-" + "y" * 40,
+                kind="rpc shared secret")
 NOW = 1_700_000_000
 SKEW = 30
 GRACE_S = 300

@@ -6,11 +6,14 @@ import unittest
 
 from enclave import sealing
 from enclave.sealing import SealingError, seal, unseal
+from tests.support import remember_secret
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 CLIENT = "123-abc.apps.googleusercontent.com"
 TOKEN = "1//0gTESTrefreshTOKEN-abcdefghijklmnopqrstuvwxyz0123456789"
+remember_secret(KEY, OTHER_KEY, kind="token sealing key")
+remember_secret(TOKEN, kind="google refresh token")
 
 
 def b64(data: bytes) -> str:

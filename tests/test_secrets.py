@@ -13,11 +13,15 @@ import unittest
 from enclave import secrets
 from enclave.secrets import SecretsState, apply_update, parse_delivery
 from tests.fakes.pki import TestCA
+from tests.support import remember_private_key, remember_secret
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 RPC_SECRET = "r" * 40
 OTHER_RPC_SECRET = "s" * 40
 SEALING_KEY_B64 = base64.b64encode(bytes(range(32))).decode()
+remember_secret(RPC_SECRET, OTHER_RPC_SECRET, kind="rpc shared secret")
+remember_secret(bytes(range(32)), kind="token sealing key")
+remember_secret("google-client-secret-value", "secret-1", kind="google client secret")
 
 _CA: TestCA | None = None
 
@@ -124,6 +128,10 @@ class ApplyUpdateRefusalTest(unittest.TestCase):
         encrypted_key = good.key.private_bytes(
             secrets.serialization.Encoding.PEM, secrets.serialization.PrivateFormat.PKCS8,
             secrets.serialization.BestAvailableEncryption(b"passphrase"))
+        remember_private_key(encrypted_key, kind="encrypted private key PEM")
+        # Refused values are still secrets: a refusal must not log them either.
+        remember_secret("ghp_" + "x" * 80, "hunter2hunter2", "short-secret-123",
+                        kind="refused secret value")
         mtls = "MTLS_CLIENT_CERT_JSON"
         cases = [
             ("unknown key", {"GOOGLE_OAUTH_CLIENT_IDD": "x"}, "unknown_key"),

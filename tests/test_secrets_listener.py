@@ -26,12 +26,15 @@ from enclave.secrets import SecretsError
 from enclave.secrets_listener import SecretsListener, wait_for_initial
 from enclave.secretstore import RPC_SECRET_GRACE_S, SecretStore
 from tests.fakes.pki import TestCA
+from tests.support import remember_secret
 from tests.test_secrets import mtls_object, quiet_enclave_logs, secret_strings, shared_ca
 
 LOOPBACK_ANY = parse_address("tcp:127.0.0.1:0")
 SHORT_IDLE_S = 0.3  # the injected idle timeout: the drip test runs in well under a second
 SHORT_TOTAL_S = 5.0
 NEW_RPC_SECRET = "n" * 48
+remember_secret(NEW_RPC_SECRET, kind="rpc shared secret")
+remember_secret("google-secret-value", kind="google client secret")
 
 
 def send(address: Address, payload: bytes, *, half_close: bool = True, timeout: float = 10) -> dict:
@@ -85,7 +88,9 @@ class ChannelTestCase(unittest.TestCase):
     def make_store(self, **kwargs) -> SecretStore:
         settings_kwargs = {"certs_dir": self.certs_dir, "secrets_listen": LOOPBACK_ANY}
         settings_kwargs.update(kwargs.pop("settings", {}))
-        return SecretStore(Settings(**settings_kwargs), self.metrics, **kwargs)
+        store = SecretStore(Settings(**settings_kwargs), self.metrics, **kwargs)
+        remember_secret(store.sealing_key(), kind="token sealing key")  # generated per boot
+        return store
 
     def make_listener(self, store, allowed=("127.0.0.1",), **kwargs) -> SecretsListener:
         kwargs.setdefault("idle_timeout_s", SHORT_IDLE_S)

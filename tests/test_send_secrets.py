@@ -20,6 +20,7 @@ from enclave.config import Settings
 from enclave.metrics import Metrics
 from enclave.secrets_listener import SecretsListener
 from enclave.secretstore import SecretStore
+from tests.support import remember_key_files, remember_secret, scan_later
 from tests.test_secrets import mtls_object, quiet_enclave_logs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ class SenderTestCase(unittest.TestCase):
         self.tmp = Path(tmp.name)
         quiet_enclave_logs(self)
         self.store = SecretStore(Settings(certs_dir=self.tmp / "certs"), Metrics())
+        remember_secret(self.store.sealing_key(), kind="token sealing key")  # generated per boot
 
     def start_listener(self, address=LOOPBACK_ANY) -> SecretsListener:
         listener = SecretsListener(address, self.store, ("127.0.0.1",), idle_timeout_s=2,
@@ -72,6 +74,7 @@ class SendSecretsCommandTest(SenderTestCase):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cmd_send_secrets.run(args)
+        scan_later(err.getvalue(), "send-secrets stderr")
         return code, out.getvalue(), err.getvalue()
 
     def test_accepted_delivery_prints_the_ack_and_exits_0(self):
@@ -138,8 +141,10 @@ class SendSecretsCommandTest(SenderTestCase):
 class SocatTest(SenderTestCase):
     def run_script(self, *argv, env=None) -> subprocess.CompletedProcess:
         full_env = {**os.environ, "SEND_SECRETS_SLEEP": "0", **(env or {})}
-        return subprocess.run([str(SEND_SCRIPT), *map(str, argv)], capture_output=True, text=True,
-                              env=full_env, timeout=SCRIPT_TIMEOUT_S)
+        result = subprocess.run([str(SEND_SCRIPT), *map(str, argv)], capture_output=True,
+                                text=True, env=full_env, timeout=SCRIPT_TIMEOUT_S)
+        scan_later(result.stderr, "send-secrets.sh stderr")
+        return result
 
     def test_raw_socat_prints_the_ack(self):
         """The compatibility promise: `cat secrets.json | socat - ...` shows the outcome."""
@@ -184,8 +189,14 @@ class SocatTest(SenderTestCase):
 class DevCertsTest(SenderTestCase):
     def test_dev_pki_is_idempotent_and_its_secrets_json_is_accepted(self):
         pki = self.tmp / "pki"
-        run = lambda *a: subprocess.run([str(GEN_SCRIPT), *a], capture_output=True, text=True,  # noqa: E731
-                                        timeout=SCRIPT_TIMEOUT_S)
+
+        def run(*argv):
+            result = subprocess.run([str(GEN_SCRIPT), *argv], capture_output=True, text=True,
+                                    timeout=SCRIPT_TIMEOUT_S)
+            remember_key_files(pki, kind="gen-dev-certs.sh")  # secrets.json carries client.key
+            scan_later(result.stderr, "gen-dev-certs.sh stderr")
+            return result
+
         result = run("--endpoint", "https://127.0.0.1:9443", str(pki))
         self.assertEqual(result.returncode, 0, result.stderr)
         for name in ("ca.key", "client.key", "server.key", "secrets.json"):
@@ -200,6 +211,7 @@ class DevCertsTest(SenderTestCase):
         result = subprocess.run(
             [str(SEND_SCRIPT), "--tcp", f"127.0.0.1:{listener.address.port}", str(pki / "secrets.json")],
             capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+        scan_later(result.stderr, "send-secrets.sh stderr")
         self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
         self.assertTrue(self.store.mtls().configured)
         self.assertEqual(self.store.mtls().endpoint, "https://127.0.0.1:9443")

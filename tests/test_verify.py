@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import tempfile
 import unittest
@@ -17,6 +16,7 @@ import cbor2
 
 from enclave import attestation, cmd_verify, cose, devpki, identity, verify
 from enclave.verify import AT_DOCUMENT_TIME, VerificationError, verify_document
+from tests.support import keep_off_console
 
 DATA = Path(__file__).parent / "data" / "nitro"
 HOUR_MS = 3600 * 1000
@@ -39,15 +39,12 @@ _quiet = []
 
 
 def setUpModule():
-    for name in ("enclave.devpki", "enclave.attestation"):
-        logger = logging.getLogger(name)
-        _quiet.append((logger, logger.level))
-        logger.setLevel(logging.ERROR)
+    _quiet.append(keep_off_console("enclave.devpki", "enclave.attestation"))
 
 
 def tearDownModule():
-    for logger, level in _quiet:
-        logger.setLevel(level)
+    while _quiet:
+        _quiet.pop()()
 
 
 def load(name: str) -> bytes:

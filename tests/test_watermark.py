@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from enclave.identity import INTENT_WATERMARK, canonical_json, sha256, verify_claims
 from tests.fakes.pki import TestCA
 from tests.stack import LocalStack
+from tests.support import scan_later
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps({"document_id": "doc-42", "user": "alice@example.com"}).encode()
@@ -60,10 +61,12 @@ class EndToEnd(unittest.TestCase):
                     "--allow-insecure-dev", "--state-dir", str(self.stack.settings.state_dir),
                     "--response", str(answer_file), "--request", str(request_file)]
             ok = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=ROOT)
+            scan_later(ok.stderr, "enclave.py verify stderr")
             self.assertEqual(ok.returncode, 0, ok.stdout + ok.stderr)
             tampered = dict(answer, result=dict(answer["result"], watermark="0" * 64))
             answer_file.write_text(json.dumps(tampered))
             bad = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=ROOT)
+            scan_later(bad.stderr, "enclave.py verify stderr")
             self.assertEqual(bad.returncode, 1, bad.stdout + bad.stderr)
 
     def test_3_failure_table(self):

@@ -15,7 +15,6 @@ import base64
 import hashlib
 import http.client
 import json
-import logging
 import threading
 import time
 import unittest
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.fakes import fake_watermark
 from tests.stack import LocalStack
+from tests.support import keep_off_console
 
 TARGET = "/v1/rpc/watermark"
 CLIENTS = 8
@@ -100,8 +100,7 @@ class _Client(threading.Thread):
 
 class WatermarkRotationTest(unittest.TestCase):
     def setUp(self):
-        logging.getLogger("enclave").setLevel(logging.ERROR)
-        self.addCleanup(logging.getLogger("enclave").setLevel, logging.NOTSET)
+        self.addCleanup(keep_off_console("enclave"))
         self.stack = LocalStack(google=False)
         self.addCleanup(self.stack.close)
         self.fake = self.stack.fake_wm

@@ -33,6 +33,8 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
+from tests.support import remember_secret
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIENT_ID = "fake-client-id.apps.googleusercontent.com"
@@ -209,6 +211,7 @@ class FakeGoogle:
                  port: int = 0, cert_file: str | None = None, key_file: str | None = None,
                  hang_s: float = HANG_BOUND_S, idle_timeout_s: float = IDLE_TIMEOUT_S):
         self.state = _State(client_id, client_secret)
+        remember_secret(client_secret, kind="google client secret")
         self.hang_s = hang_s
         self._lock = threading.Lock()
         self._release = threading.Event()
@@ -278,6 +281,7 @@ class FakeGoogle:
 
     def _mint_locked(self, redirect_uri, scope, code_challenge, offline, client_id=None) -> str:
         code = "4/0A" + secrets.token_urlsafe(40)
+        remember_secret(code, kind="google authorization code")
         self.state.codes[code] = _Code(client_id or self.state.client_id, redirect_uri, scope,
                                        code_challenge, offline)
         return code
@@ -296,6 +300,7 @@ class FakeGoogle:
     def mint_refresh_token(self, scope: str = "openid email") -> str:
         with self._lock:
             token = "1//0g" + secrets.token_urlsafe(48)
+            remember_secret(token, kind="google refresh token")
             self.state.refresh_tokens[token] = (self.state.client_id, scope)
             return token
 
@@ -316,13 +321,17 @@ class FakeGoogle:
 
     def _issue(self, scope: str, refresh_token: str | None, include_refresh: bool) -> dict:
         access = "ya29.a0" + secrets.token_urlsafe(60)
+        remember_secret(access, kind="google access token")
         self.state.access_tokens[access] = refresh_token or ""
         answer = {"access_token": access, "expires_in": ACCESS_TOKEN_TTL_S, "scope": scope,
                   "token_type": "Bearer"}
         if include_refresh and refresh_token:
             answer["refresh_token"] = refresh_token
         if "openid" in scope.split():
-            answer["id_token"] = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJmYWtlIn0." + secrets.token_urlsafe(32)
+            # Only the random signature part is secret: the fixed header/payload are public.
+            signature = secrets.token_urlsafe(32)
+            remember_secret(signature, kind="google id token")
+            answer["id_token"] = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJmYWtlIn0." + signature
         return answer
 
     def _token(self, form: dict[str, str]):
@@ -353,6 +362,7 @@ class FakeGoogle:
             refresh = None
             if code.offline:
                 refresh = "1//0g" + secrets.token_urlsafe(48)
+                remember_secret(refresh, kind="google refresh token")
                 self.state.refresh_tokens[refresh] = (code.client_id, code.scope)
             return 200, self._issue(code.scope, refresh, include_refresh=True)
         token = form.get("refresh_token")

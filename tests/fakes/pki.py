@@ -13,10 +13,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support import remember_private_key
+
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    """The key as PKCS#8 PEM; its private lines are registered for the end-of-run log scan."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    remember_private_key(pem)
+    return pem
 
 
 @dataclass
@@ -41,6 +46,7 @@ class TestCA:
     def __init__(self, name: str = "Enclave Test CA", *, not_before=None, not_after=None):
         now = dt.datetime.now(dt.timezone.utc)
         self.key = ec.generate_private_key(ec.SECP256R1())
+        self.key_pem = _pem_key(self.key)  # registered: fakes load the CA key to sign CRLs
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.cert = (
             x509.CertificateBuilder()
