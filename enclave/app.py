@@ -17,7 +17,7 @@ class Runtime:
     """Holds the parts (attestation, secret store, RPC services) and answers /healthz, /metrics."""
 
     def __init__(self, settings: Settings, *, metrics: Metrics, attestation=None, store=None,
-                 google=None, watermark=None, authenticator=None):
+                 google=None, watermark=None, authenticator=None, closers=()):
         self.settings = settings
         self.metrics = metrics
         self.attestation = attestation  # enclave.attestation.AttestationService
@@ -25,6 +25,7 @@ class Runtime:
         self.google = google  # enclave.google.GoogleOAuth
         self.watermark = watermark  # enclave.watermark.WatermarkService
         self.authenticator = authenticator  # enclave.rpcauth.RpcAuthenticator
+        self.closers = list(closers)  # release pooled connections and devices on stop
         self.started = time.monotonic()
         metrics.gauge_fn("enclave_uptime_seconds", lambda: time.monotonic() - self.started)
 
@@ -34,7 +35,7 @@ class Runtime:
         attestation = self.attestation.health() if self.attestation else {"source": None}
         secrets = store_health.get("secrets", {"received": False, "version": 0, "updated_at": None})
         mtls = store_health.get("mtls", {"configured": False, "not_after": None})
-        degraded = not secrets.get("received") or not self._attestation_ready()
+        degraded = not self.ready()  # the same judgement as ?ready=1
         return {
             "status": "degraded" if degraded else "ok",
             "mode": self.settings.mode,
@@ -61,6 +62,10 @@ class Runtime:
     def metrics_text(self, req: Request):
         return 200, METRICS_CONTENT_TYPE, self.metrics.render().encode("utf-8")
 
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
     # -- routes --------------------------------------------------------------------------
     def router(self) -> Router:
         r = Router()
@@ -68,7 +73,7 @@ class Runtime:
         r.add("GET", "/metrics", self.metrics_text, raw=True)
         if self.attestation:
             r.add("GET", "/v1/attestation/document", self.attestation.document)
-            r.add("POST", "/v1/attestation/challenge", self.attestation.challenge)
+            r.add("POST", "/v1/attestation/challenge", self.attestation.challenge_json, raw=True)
         if self.google:
             r.add("POST", "/v1/rpc/google/token/exchange", self.google.exchange, auth=True)
             r.add("POST", "/v1/rpc/google/token/refresh", self.google.refresh, auth=True)

@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import functools
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -28,6 +29,7 @@ from .config import NSM_DEVICE, ConfigError
 from .errors import ApiError, EnclaveError
 from .identity import INTENT_CHALLENGE, IdentityError, SigningIdentity
 from .nsm import NsmDevice, NsmError
+from .server import JSON_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ DEV_LEAF_RENEW_BEFORE = dt.timedelta(hours=1)  # minted documents stay verifiabl
 CBOR_MAP_MAJOR = 0xA0  # CBOR major type 5 (map) with a count below 24 in the low bits
 MAX_STATIC_DOCUMENT_FILE_BYTES = 64 * 1024  # base64 of a 16 KiB document, with room to spare
 _HEX = re.compile(rb"[0-9a-fA-F]+")
+# The challenge answer, as server.json_bytes would encode it. Every %s is a standard base64 string
+# (A-Z a-z 0-9 + / =: nothing JSON escapes) except nonce_bound_document, which is json.dumps(bool).
+_CHALLENGE_JSON = (b'{"nonce":"%s","document":"%s","nonce_bound_document":%s,'
+                   b'"evidence":"%s","public_key":"%s"}')
 
 
 class AttestationError(EnclaveError):
@@ -214,9 +220,8 @@ class DevShimSource(AttestationSource):
         self._head = map_header + b"".join(cbor2.dumps(x) for x in (
             "module_id", self.module_id, "digest", "SHA384", "timestamp"))
         self._nonce_key = cbor2.dumps("nonce")
-        self._protected = cose.protected_header(cose.ALG_ES384)
         self._lock = threading.Lock()
-        self._leaf, self._middle = self._issue_leaf()
+        self._signer, self._middle = self._issue_leaf()
 
     @property
     def root_der(self) -> bytes:
@@ -225,8 +230,9 @@ class DevShimSource(AttestationSource):
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), dt.timezone.utc)
 
-    def _issue_leaf(self) -> tuple[devpki.Issued, bytes]:
-        """A new leaf and the payload fields that only change with it, pre-encoded."""
+    def _issue_leaf(self) -> tuple[cose.Signer, bytes]:
+        """A new leaf's signer (ES384) and the payload fields that only change with it,
+        pre-encoded."""
         leaf = devpki.issue_leaf(self._root, self._now(), label=self.module_id)
         logger.warning("INSECURE dev-shim attestation leaf issued for %s, valid until %s",
                        self.module_id, leaf.cert.not_valid_after_utc.isoformat())
@@ -234,26 +240,25 @@ class DevShimSource(AttestationSource):
         middle = b"".join(cbor2.dumps(x) for x in (
             "pcrs", self._pcrs, "certificate", leaf.cert_der, "cabundle", [self._root.cert_der],
             "public_key", self._identity.public_key_der, "user_data"))
-        return leaf, middle
+        return cose.Signer(leaf.key), middle
 
-    def _current_leaf(self) -> tuple[devpki.Issued, bytes]:
+    def _current_signer(self) -> tuple[cose.Signer, bytes]:
         with self._lock:
             if self._clock() >= self._renew_at:
-                self._leaf, self._middle = self._issue_leaf()
-            return self._leaf, self._middle
+                self._signer, self._middle = self._issue_leaf()
+            return self._signer, self._middle
 
     def document(self, nonce=None, user_data=None) -> bytes:
         for name, value in (("nonce", nonce), ("user_data", user_data)):
             if value is not None and len(value) > verify.MAX_USER_FIELD_BYTES:
                 raise AttestationError(f"{name} is {len(value)} bytes, limit "
                                        f"{verify.MAX_USER_FIELD_BYTES}")
-        leaf, middle = self._current_leaf()
+        signer, middle = self._current_signer()
         # The CBOR map of the Nitro payload, in the NSM's field order, from pre-encoded parts:
         # equal to cbor2.dumps({"module_id": ..., "digest": ..., ..., "nonce": nonce}).
         payload = b"".join((self._head, cbor2.dumps(int(self._clock() * 1000)), middle,
                             cbor2.dumps(user_data), self._nonce_key, cbor2.dumps(nonce)))
-        signature = cose.sign(leaf.key, cose.ALG_ES384, self._protected, payload)
-        return cose.encode_sign1(self._protected, payload, signature)
+        return signer.sign1(payload)
 
 
 @dataclass
@@ -363,6 +368,8 @@ class AttestationService:
         self._attestation = attestation
         self._source = attestation.source
         self._identity = attestation.identity
+        self._public_key_b64 = base64.b64encode(self._identity.public_key_der)
+        self._nonce_bound_json = json.dumps(bool(self._source.nonce_bound)).encode()
         self._metrics = metrics
         self._clock = clock
         self._lock = threading.Lock()
@@ -417,7 +424,13 @@ class AttestationService:
             return 200, dict(body)
 
     def challenge(self, req) -> tuple[int, dict]:
-        """POST /v1/attestation/challenge {"nonce": base64 16..64 bytes, "user_data"?: base64}."""
+        """challenge_json's answer as a dict (in-process callers and tests)."""
+        status, _, body = self.challenge_json(req)
+        return status, json.loads(body)
+
+    def challenge_json(self, req) -> tuple[int, str, bytes]:
+        """POST /v1/attestation/challenge {"nonce": base64 16..64 bytes, "user_data"?: base64},
+        a raw route: the JSON answer is formatted from base64 strings, without json.dumps."""
         body = req.json()
         nonce = _b64_field(body, "nonce", "invalid_nonce", CHALLENGE_NONCE_MIN_BYTES,
                            CHALLENGE_NONCE_MAX_BYTES, required=True)
@@ -433,13 +446,9 @@ class AttestationService:
             "document_sha384": hashlib.sha384(document).digest(),
             "timestamp_ms": int(self._clock() * 1000),
         })
-        return 200, {
-            "nonce": _b64(nonce),
-            "document": _b64(document),
-            "nonce_bound_document": self._source.nonce_bound,
-            "evidence": _b64(evidence),
-            "public_key": _b64(self._identity.public_key_der),
-        }
+        b64 = base64.b64encode
+        return 200, JSON_TYPE, _CHALLENGE_JSON % (b64(nonce), b64(document), self._nonce_bound_json,
+                                                  b64(evidence), self._public_key_b64)
 
     def health(self) -> dict:
         return {"source": self._source.name, "insecure": self._source.insecure}

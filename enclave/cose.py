@@ -32,6 +32,7 @@ ED25519_SIGNATURE_BYTES = 64
 MAX_SIGN1_BYTES = 64 * 1024  # a Nitro document is < 12 KiB; claims are < 1 KiB
 MAX_CBOR_DEPTH = 16  # COSE_Sign1 and the Nitro payload nest 3 levels; nothing legit goes deeper
 SIGNATURE1_CONTEXT = "Signature1"
+_ES384 = ec.ECDSA(hashes.SHA384())  # immutable: one instance for every ES384 sign and verify
 
 
 class CoseError(EnclaveError):
@@ -90,6 +91,8 @@ def _bstr(data: bytes) -> bytes:
 
 _ARRAY4 = b"\x84"
 _SIGNATURE1 = cbor2.dumps(SIGNATURE1_CONTEXT)
+_EMPTY_MAP = b"\xa0"
+_TAG18 = b"\xd2"
 
 
 def sig_structure(protected_bytes: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:
@@ -106,7 +109,7 @@ def encode_sign1(protected_bytes: bytes, payload: bytes, signature: bytes,
     """CBOR [protected, unprotected, payload, signature], tagged 18 if asked."""
     body = b"".join((_ARRAY4, _bstr(protected_bytes), cbor2.dumps(dict(unprotected or {})),
                      _bstr(payload), _bstr(signature)))
-    return (b"\xd2" + body) if tagged else body  # d2: tag 18
+    return (_TAG18 + body) if tagged else body
 
 
 def decode_sign1(data: bytes) -> Sign1:
@@ -156,12 +159,15 @@ def sign(private_key, alg: int, protected_bytes: bytes, payload: bytes) -> bytes
 
     `alg` must be alg_for_key(private_key) (callers check once, not per signature).
     """
-    to_sign = sig_structure(protected_bytes, payload)
+    return _sign_bytes(private_key, alg, sig_structure(protected_bytes, payload))
+
+
+def _sign_bytes(private_key, alg: int, to_sign: bytes) -> bytes:
     if alg == ALG_EDDSA:
         return private_key.sign(to_sign)
     if alg != ALG_ES384:
         raise CoseError(f"unsupported COSE alg {alg!r}")
-    r, s = decode_dss_signature(private_key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
+    r, s = decode_dss_signature(private_key.sign(to_sign, _ES384))
     return r.to_bytes(P384_SCALAR_BYTES, "big") + s.to_bytes(P384_SCALAR_BYTES, "big")
 
 
@@ -180,7 +186,7 @@ def verify(public_key, alg: int, protected_bytes: bytes, payload: bytes, signatu
                                 f"got {len(signature)}")
             public_key.verify(signature, to_sign)
         else:
-            public_key.verify(raw_to_der(signature), to_sign, ec.ECDSA(hashes.SHA384()))
+            public_key.verify(raw_to_der(signature), to_sign, _ES384)
     except InvalidSignature:
         raise CoseError(f"{ALG_NAMES[alg]} signature does not verify") from None
 
@@ -195,9 +201,26 @@ def raw_to_der(signature: bytes) -> bytes:
     return encode_dss_signature(r, s)
 
 
+class Signer:
+    """COSE_Sign1 for one key, protected header {1: alg}, empty unprotected header, no
+    external_aad. Everything before the payload is encoded once: the Sig_structure
+    ["Signature1", protected, h'', payload] and the COSE_Sign1 [protected, {}, payload, sig]
+    are each a cached prefix + bstr(payload) (+ bstr(sig)), equal to their cbor2 encodings."""
+
+    def __init__(self, private_key):
+        self._key = private_key
+        self.alg = alg_for_key(private_key)  # CoseError for an unsupported key
+        self.protected = protected_header(self.alg)
+        self._to_sign_prefix = b"".join((_ARRAY4, _SIGNATURE1, _bstr(self.protected), _bstr(b"")))
+        self._sign1_prefix = b"".join((_ARRAY4, _bstr(self.protected), _EMPTY_MAP))
+
+    def sign1(self, payload: bytes, *, tagged: bool = False) -> bytes:
+        payload_bstr = _bstr(payload)
+        signature = _sign_bytes(self._key, self.alg, self._to_sign_prefix + payload_bstr)
+        body = b"".join((self._sign1_prefix, payload_bstr, _bstr(signature)))
+        return (_TAG18 + body) if tagged else body
+
+
 def sign1(private_key, payload: bytes, *, tagged: bool = False) -> bytes:
     """A complete COSE_Sign1 over `payload`, protected header {1: alg} for the key."""
-    alg = alg_for_key(private_key)
-    protected = protected_header(alg)
-    return encode_sign1(protected, payload, sign(private_key, alg, protected, payload),
-                        tagged=tagged)
+    return Signer(private_key).sign1(payload, tagged=tagged)

@@ -57,14 +57,13 @@ class SigningIdentity:
 
     def __init__(self, private_key, *, generated: bool = False):
         try:
-            self.alg = cose.alg_for_key(private_key)
+            self._signer = cose.Signer(private_key)
         except cose.CoseError as exc:
             raise IdentityError(f"TEE_ATTESTATION_SIGNING_PRIVATE_KEY: {exc}") from None
-        self._key = private_key
+        self.alg = self._signer.alg
         self.generated = generated
         self.public_key_der = private_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        self._protected = cose.protected_header(self.alg)
 
     @property
     def alg_name(self) -> str:
@@ -106,8 +105,7 @@ class SigningIdentity:
         payload = cbor2.dumps(claims, canonical=True)
         if len(payload) > MAX_CLAIMS_BYTES:
             raise ClaimsError(f"claims are {len(payload)} bytes, limit {MAX_CLAIMS_BYTES}")
-        signature = cose.sign(self._key, self.alg, self._protected, payload)
-        return cose.encode_sign1(self._protected, payload, signature)
+        return self._signer.sign1(payload)
 
     def __repr__(self) -> str:  # never show key material
         return f"SigningIdentity(alg={self.alg_name}, sha256={self.fingerprint[:16]})"

@@ -41,8 +41,7 @@ class Running:
     def stop(self) -> bool:
         clean = self.http.drain()
         self.listener.shutdown()
-        if self.runtime.watermark is not None:
-            self.runtime.watermark.close()
+        self.runtime.close()
         for thread in self.threads:
             thread.join(timeout=5)
         return clean
@@ -74,7 +73,8 @@ def build_services(settings: Settings, metrics: Metrics):
                                  path=settings.ecs_watermark_path)
     service = AttestationService(attestation, metrics)
     return Runtime(settings, metrics=metrics, attestation=service, store=store, google=google,
-                   watermark=watermark, authenticator=authenticator)
+                   watermark=watermark, authenticator=authenticator,
+                   closers=(outbound.close, watermark.close, attestation.close))
 
 
 def start(settings: Settings, metrics: Metrics | None = None) -> Running:

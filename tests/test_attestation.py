@@ -4,7 +4,6 @@ import base64
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
 import stat
 import subprocess
@@ -27,6 +26,7 @@ from enclave.errors import ApiError
 from enclave.metrics import Metrics
 from enclave.request import Request
 from enclave.verify import AT_DOCUMENT_TIME, VerificationError, verify_document
+from tests.support import keep_off_console, remember_private_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "nitro"
@@ -34,20 +34,19 @@ _quiet = []
 
 
 def setUpModule():
-    for name in ("enclave.devpki", "enclave.attestation"):
-        logger = logging.getLogger(name)
-        _quiet.append((logger, logger.level))
-        logger.setLevel(logging.ERROR)
+    _quiet.append(keep_off_console("enclave.devpki", "enclave.attestation"))
 
 
 def tearDownModule():
-    for logger, level in _quiet:
-        logger.setLevel(level)
+    while _quiet:
+        _quiet.pop()()
 
 
 def pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+    remember_private_key(data, kind="signing key PEM")
+    return data
 
 
 def request(body=b"", method="POST") -> Request:
@@ -87,6 +86,7 @@ class TestSigningIdentity(unittest.TestCase):
         encrypted = ed25519.Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(b"pw"))
+        remember_private_key(encrypted, kind="encrypted private key PEM")
         cases = {
             "rsa": (pem(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
                     "not supported"),
