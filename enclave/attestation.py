@@ -397,11 +397,14 @@ class AttestationService:
 
     def _describe(self, document: bytes) -> dict:
         fields = payload_fields(document)
+        module_id = fields.get("module_id")
+        dev_shim = isinstance(module_id, str) and module_id.startswith("dev-shim")
         return {
-            "format": "dev-shim" if self._source.insecure else "aws-nitro",
+            # the document's own shape; `insecure` says whether it chains to the AWS root
+            "format": "dev-shim" if dev_shim else "aws-nitro",
             "document": _b64(document),
             "public_key": _b64(fields.get("public_key")),
-            "module_id": fields.get("module_id"),
+            "module_id": module_id,
             "timestamp_ms": fields.get("timestamp"),
             "pcrs": {str(k): v.hex() for k, v in sorted(fields.get("pcrs", {}).items())},
             "insecure": self._source.insecure,
