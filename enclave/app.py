@@ -7,7 +7,7 @@ import time
 from .config import Settings
 from .metrics import Metrics
 from .request import Request
-from .server import Router
+from .server import JSON_TYPE, Router, json_bytes
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WATERMARK_MAX_BODY_BYTES = 1024 * 1024  # DESIGN §5: watermark bodies up to 1 MiB
@@ -27,15 +27,16 @@ class Runtime:
         self.authenticator = authenticator  # enclave.rpcauth.RpcAuthenticator
         self.closers = list(closers)  # release pooled connections and devices on stop
         self.started = time.monotonic()
+        self._health_cache = None  # (key, status, body bytes); replaced whole, never mutated
         metrics.gauge_fn("enclave_uptime_seconds", lambda: time.monotonic() - self.started)
 
     # -- /healthz -----------------------------------------------------------------------
-    def health(self) -> dict:
+    def health(self, ready: bool | None = None) -> dict:
         store_health = self.store.health() if self.store else {}
         attestation = self.attestation.health() if self.attestation else {"source": None}
         secrets = store_health.get("secrets", {"received": False, "version": 0, "updated_at": None})
         mtls = store_health.get("mtls", {"configured": False, "not_after": None})
-        degraded = not self.ready()  # the same judgement as ?ready=1
+        degraded = not (self.ready() if ready is None else ready)  # as ?ready=1 judges
         return {
             "status": "degraded" if degraded else "ok",
             "mode": self.settings.mode,
@@ -43,7 +44,7 @@ class Runtime:
             "secrets": secrets,
             "mtls": mtls,
             "attestation": attestation,
-            "uptime_s": round(time.monotonic() - self.started, 3),
+            "uptime_s": int(time.monotonic() - self.started),
         }
 
     def _attestation_ready(self) -> bool:
@@ -53,11 +54,23 @@ class Runtime:
         return bool(self.store and self.store.ready()) and self._attestation_ready()
 
     def healthz(self, req: Request):
-        body = self.health()
-        if req.query.get("ready", ["0"])[-1] in ("1", "true"):
-            body["ready"] = self.ready()
-            return (200 if body["ready"] else 503), body
-        return 200, body
+        """The answer is rebuilt only when what it shows changes: the secrets version (every
+        accepted delivery), readiness, or the uptime second. Probes poll this endpoint hard."""
+        want_ready = req.query.get("ready", ["0"])[-1] in ("1", "true")
+        ready = self.ready()
+        key = (want_ready, ready, self.store.version if self.store else 0,
+               int(time.monotonic() - self.started))
+        cached = self._health_cache
+        if cached is not None and cached[0] == key:
+            return cached[1], JSON_TYPE, cached[2]
+        body = self.health(ready)
+        status = 200
+        if want_ready:
+            body["ready"] = ready
+            status = 200 if ready else 503
+        data = json_bytes(body)
+        self._health_cache = (key, status, data)
+        return status, JSON_TYPE, data
 
     def metrics_text(self, req: Request):
         return 200, METRICS_CONTENT_TYPE, self.metrics.render().encode("utf-8")
@@ -69,7 +82,7 @@ class Runtime:
     # -- routes --------------------------------------------------------------------------
     def router(self) -> Router:
         r = Router()
-        r.add("GET", "/healthz", self.healthz)
+        r.add("GET", "/healthz", self.healthz, raw=True)
         r.add("GET", "/metrics", self.metrics_text, raw=True)
         if self.attestation:
             r.add("GET", "/v1/attestation/document", self.attestation.document)

@@ -38,12 +38,16 @@ class Metrics:
                 return
             series[key] = value if replace else series.get(key, 0.0) + value
 
-    def add_many(self, items) -> None:
-        """Several counter increments under one lock: [(name, labels, value), ...]."""
+    @staticmethod
+    def series_keys(items) -> tuple:
+        """Prebuilt keys for add_keyed: [(name, labels), ...] -> ((name, key), ...)."""
+        return tuple((name, _key(labels)) for name, labels in items)
+
+    def add_keyed(self, keys: tuple, values: tuple) -> None:
+        """Several counter increments under one lock, with keys from series_keys()."""
         with self._lock:
-            for name, labels, value in items:
+            for (name, key), value in zip(keys, values):
                 series = self._values.setdefault(name, {})
-                key = _key(labels)
                 if key in series or len(series) < MAX_SERIES_PER_METRIC:
                     series[key] = series.get(key, 0.0) + value
 

@@ -36,6 +36,8 @@ MAX_REQUEST_LINE_BYTES = 8192  # longer request lines answer 414
 MAX_HEADER_LINE_BYTES = 8192  # one header line; longer answers 431
 MAX_HEADER_COUNT = 100  # header lines per request (http.client's own limit); more answers 431
 DRAIN_SECONDS = 5.0  # on shutdown, in-flight requests get this long to finish
+DRAIN_POLL_SECONDS = 0.01
+MAX_RECORD_KEYS = 1024  # cached metric keys; (method, route, status) combinations are few
 LINGER_SECONDS = 2.0  # after an early error answer, drop the unread body this long at most
 LINGER_MAX_BYTES = 2 * 1024 * 1024  # ...and at most this much of it
 HEAD_DEADLINE_SECONDS = 10.0  # the request line and headers must arrive within this
@@ -86,13 +88,14 @@ class Router:
         return route, sorted(by_method)
 
 
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}  # HTTPStatus(n) costs an enum lookup
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, reused
+
+
 def _encode(status: int, body: bytes, content_type: str, close: bool,
             extra: dict | None = None) -> bytes:
     """Status line, headers and body as one buffer, so the response is one write."""
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
+    phrase = _PHRASES.get(status, "")
     lines = [
         f"HTTP/1.1 {status} {phrase}",
         f"Content-Type: {content_type}",
@@ -108,7 +111,7 @@ def _encode(status: int, body: bytes, content_type: str, close: bool,
 
 
 def json_bytes(value) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _JSON.encode(value).encode("utf-8")
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -159,10 +162,17 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     body_deadline = BODY_DEADLINE_SECONDS
     server: "HttpServer"
 
+    busy = False  # True while a request is being handled (drain waits for it)
+
     def setup(self):
         super().setup()  # the idle timeout on the socket, wfile
         self._reader = _DeadlineReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader, READ_BUFFER_BYTES)
+        self.server.handlers.add(self)
+
+    def finish(self):
+        self.server.handlers.discard(self)
+        super().finish()
 
     # -- responses ---------------------------------------------------------------
     def _send(self, status: int, body: bytes, content_type: str = JSON_TYPE,
@@ -205,7 +215,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._reader.deadline = None
         if self.server.draining:
             self.close_connection = True
-        self.server.request_started()
+        self.busy = True  # a plain attribute: no lock per request; drain() polls it
         started = time.perf_counter()
         label = "unmatched"
         try:
@@ -213,7 +223,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError, BrokenPipeError):
             self.close_connection = True
         finally:
-            self.server.request_finished()
+            self.busy = False
             if self._status:
                 self.server.record(self.command, label, self._status, time.perf_counter() - started)
 
@@ -407,8 +417,8 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.draining = False
         self._lock = threading.Lock()
         self._connections: set = set()
-        self._in_flight = 0
-        self._idle = threading.Condition(self._lock)
+        self.handlers: set = set()  # live RequestHandlers (set add/discard are atomic)
+        self._record_keys: dict = {}  # (method, route, status) -> prebuilt metric series keys
         handler = type("BoundHandler", (handler_class,), {
             "timeout": idle_timeout, "head_deadline": head_deadline, "body_deadline": body_deadline})
         self.metrics.describe("enclave_http_requests_total", "counter",
@@ -459,34 +469,29 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def handle_error(self, request, client_address):
         log.exception("connection error")
 
-    # -- in-flight tracking and drain --------------------------------------------------
-    def request_started(self) -> None:
-        with self._lock:
-            self._in_flight += 1
-
-    def request_finished(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.notify_all()
-
+    # -- metrics and drain ---------------------------------------------------------------
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        method = method if method in KNOWN_METHODS else "OTHER"  # clients choose methods
-        self.metrics.add_many((
-            ("enclave_http_requests_total", {"method": method, "route": route, "status": str(status)}, 1.0),
-            ("enclave_http_request_seconds_count", {"route": route}, 1.0),
-            ("enclave_http_request_seconds_sum", {"route": route}, seconds),
-        ))
+        keys = self._record_keys.get((method, route, status))
+        if keys is None:
+            label = method if method in KNOWN_METHODS else "OTHER"  # clients choose methods
+            keys = self.metrics.series_keys((
+                ("enclave_http_requests_total",
+                 {"method": label, "route": route, "status": str(status)}),
+                ("enclave_http_request_seconds_count", {"route": route}),
+                ("enclave_http_request_seconds_sum", {"route": route})))
+            if len(self._record_keys) < MAX_RECORD_KEYS:
+                self._record_keys[(method, route, status)] = keys
+        self.metrics.add_keyed(keys, (1.0, 1.0, seconds))
 
     def drain(self, timeout: float = DRAIN_SECONDS) -> bool:
         """Stop accepting, let in-flight requests finish (bounded), then close idle connections."""
         self.draining = True
         self.shutdown()
         deadline = time.monotonic() + timeout
+        while any(h.busy for h in list(self.handlers)) and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL_SECONDS)
+        clean = not any(h.busy for h in list(self.handlers))
         with self._lock:
-            while self._in_flight and time.monotonic() < deadline:
-                self._idle.wait(max(0.0, deadline - time.monotonic()))
-            clean = self._in_flight == 0
             leftovers = list(self._connections)
         for conn in leftovers:  # idle keep-alive connections: wake their readers
             try:

@@ -36,6 +36,8 @@ RPC_PATHS = ("/v1/rpc/google/token/exchange", "/v1/rpc/google/token/refresh",
 class _Store:
     """Secrets received and usable, as /healthz reports them."""
 
+    version = 1
+
     def health(self) -> dict:
         return {"secrets": {"received": True, "version": 1, "updated_at": "2026-01-01T00:00:00Z"},
                 "mtls": {"configured": True, "not_after": "2027-01-01T00:00:00Z"}}

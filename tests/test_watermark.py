@@ -38,6 +38,18 @@ class EndToEnd(unittest.TestCase):
     def test_1_before_secrets_the_rpc_answers_503(self):
         status, body = self.rpc()
         self.assertEqual((status, body["error"]["code"]), (503, "mtls_not_configured"))
+        status, health = self.stack.call("GET", "/healthz?ready=1", sign=False)
+        self.assertEqual((status, health["status"], health["ready"]), (503, "degraded", False))
+
+    def test_1b_health_shows_a_delivery_at_once(self):
+        self.stack.call("GET", "/healthz", sign=False)  # an answer is cached for this state
+        ack = self.stack.deliver(self.stack.mtls_payload())
+        self.assertTrue(ack["ok"], ack)
+        status, health = self.stack.call("GET", "/healthz?ready=1", sign=False)
+        self.assertEqual((status, health["status"], health["ready"]), (200, "ok", True))
+        self.assertEqual(health["secrets"]["version"], ack["version"])
+        self.assertTrue(health["mtls"]["configured"])
+        self.assertIsNotNone(health["mtls"]["not_after"])
 
     def test_2_delivered_certificates_signed_answer_verified_by_the_cli(self):
         ack = self.stack.deliver(self.stack.mtls_payload())
