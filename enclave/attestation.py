@@ -28,7 +28,6 @@ from . import cose, devpki, verify
 from .config import NSM_DEVICE, ConfigError
 from .errors import ApiError, EnclaveError
 from .identity import INTENT_CHALLENGE, IdentityError, SigningIdentity
-from .nsm import NsmDevice, NsmError
 from .server import JSON_TYPE
 
 logger = logging.getLogger(__name__)
@@ -131,11 +130,12 @@ class NsmSource(AttestationSource):
 
     name, nonce_bound, insecure = "nsm", True, False
 
-    def __init__(self, identity: SigningIdentity, device: NsmDevice):
+    def __init__(self, identity: SigningIdentity, device):
         self._identity = identity
         self._device = device
 
     def document(self, nonce=None, user_data=None) -> bytes:
+        from .nsm import NsmError  # imported with the device: ctypes is not needed elsewhere
         try:
             return self._device.attestation(user_data=user_data, nonce=nonce,
                                             public_key=self._identity.public_key_der)
@@ -326,6 +326,7 @@ def build_attestation(settings, now=None, *, nsm_open=None) -> Attestation:
                        "%s; never trust them outside development",
                        devpki.dev_dir(settings.state_dir))
     elif path == NSM_DEVICE:
+        from .nsm import NsmDevice, NsmError  # only here: ctypes costs start-up time elsewhere
         try:
             device = (nsm_open or NsmDevice)(path)
         except NsmError as exc:
