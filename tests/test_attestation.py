@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from enclave import attestation, cose, devpki, identity, verify
+from enclave import attestation, cose, devpki, identity, nsm, verify
 from enclave.config import ConfigError, Settings
 from enclave.errors import ApiError
 from enclave.metrics import Metrics
@@ -340,7 +340,7 @@ class TestBuildAttestation(TempStateCase):
             with self.subTest(name):
                 with self.assertRaisesRegex(attestation.AttestationConfigError, message):
                     attestation.build_attestation(
-                        settings, nsm_open=lambda p: attestation.NsmDevice("/nonexistent/nsm"))
+                        settings, nsm_open=lambda p: nsm.NsmDevice("/nonexistent/nsm"))
 
 
 class TestAttestationService(DevShimCase):
