@@ -13,7 +13,6 @@ identical re-delivery (a no-op) is cheaper.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 from enclave.addresses import parse_address
+from enclave.cmd_send_secrets import exchange
 from enclave.config import Settings
 from enclave.metrics import Metrics
 from enclave.secrets_listener import SecretsListener
@@ -48,13 +48,7 @@ def _payloads() -> list[bytes]:
 
 
 def _deliver(port: int, payload: bytes) -> dict:
-    with socket.create_connection(("127.0.0.1", port), timeout=ACK_TIMEOUT_S) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
-    return json.loads(data)
+    return json.loads(exchange(parse_address(f"tcp:127.0.0.1:{port}"), payload))
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:

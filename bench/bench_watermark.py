@@ -27,6 +27,8 @@ import threading
 import time
 
 from bench import loadgen
+from enclave.addresses import parse_address
+from enclave.cmd_send_secrets import exchange
 from enclave.config import LOCAL_DEFAULT_RPC_SECRET
 from enclave.rpcauth import new_nonce, sign_request
 from tests.fakes.pki import TestCA
@@ -47,14 +49,7 @@ FAKE_READY_S = 15.0
 
 
 def _deliver(port: int, payload: bytes) -> dict:
-    """Like socat: write, half-close, read the one-line ack until EOF."""
-    with socket.create_connection(("127.0.0.1", port), timeout=ACK_TIMEOUT_S) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
-    return json.loads(data)
+    return json.loads(exchange(parse_address(f"tcp:127.0.0.1:{port}"), payload))
 
 
 def _payload(ca: TestCA, issued, endpoint: str) -> bytes:

@@ -47,8 +47,8 @@ def _read_payload(path: str) -> bytes:
         return handle.read(MAX_DELIVERY_BYTES + 1)
 
 
-def _exchange(address, payload: bytes) -> bytes:
-    """One try: connect, send, half-close, read the ack line until EOF."""
+def exchange(address, payload: bytes) -> bytes:
+    """One try: connect, send, half-close, read the ack line until EOF (the socat exchange)."""
     try:
         sock = socket.socket(address.socket_family, socket.SOCK_STREAM)
     except OSError as exc:
@@ -105,7 +105,7 @@ def run(args) -> int:
         if attempt > 1:
             _sleep(args.interval)
         try:
-            line = _exchange(address, payload)
+            line = exchange(address, payload)
         except _Unreachable as exc:
             reason = str(exc)
             print(f"send-secrets: try {attempt}/{args.tries}: {address}: {reason}", file=sys.stderr)

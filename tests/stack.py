@@ -11,10 +11,11 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 
+from enclave.addresses import parse_address
+from enclave.cmd_send_secrets import exchange
 from enclave.config import LOCAL_DEFAULT_RPC_SECRET, load_settings
 from enclave.rpcauth import new_nonce, sign_request
 from enclave.service import start
@@ -28,18 +29,9 @@ GOOGLE_CLIENT_SECRET = "stack-google-client-secret-value"
 remember_secret(GOOGLE_CLIENT_SECRET, kind="google client secret")
 
 
-def send_secrets(port: int, payload: bytes, timeout: float = 15.0) -> dict:
+def send_secrets(port: int, payload: bytes) -> dict:
     """Deliver one payload like `socat`: write, half-close, read the one-line ack."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    return json.loads(exchange(parse_address(f"tcp:127.0.0.1:{port}"), payload))
 
 
 class LocalStack:
