@@ -93,9 +93,11 @@ def parse_address(text: str, what: str = "address") -> Address:
 def is_loopback_ip(text: str) -> bool:
     """True for a loopback IP address literal (127.0.0.0/8, ::1); names are not resolved."""
     try:
-        return ipaddress.ip_address(text).is_loopback
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def peer_label(family: int, peer) -> str:

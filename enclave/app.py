@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from .config import Settings
@@ -9,6 +10,7 @@ from .metrics import Metrics
 from .request import Request
 from .server import JSON_TYPE, Router, json_bytes
 
+log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WATERMARK_MAX_BODY_BYTES = 1024 * 1024  # DESIGN §5: watermark bodies up to 1 MiB
 
@@ -27,7 +29,7 @@ class Runtime:
         self.authenticator = authenticator  # enclave.rpcauth.RpcAuthenticator
         self.closers = list(closers)  # release pooled connections and devices on stop
         self.started = time.monotonic()
-        self._health_cache = None  # (key, status, body bytes); replaced whole, never mutated
+        self._health_cache = None  # (key, status, body, state); replaced whole, never mutated
         metrics.gauge_fn("enclave_uptime_seconds", lambda: time.monotonic() - self.started)
 
     # -- /healthz -----------------------------------------------------------------------
@@ -54,14 +56,15 @@ class Runtime:
         return bool(self.store and self.store.ready()) and self._attestation_ready()
 
     def healthz(self, req: Request):
-        """The answer is rebuilt only when what it shows changes: the secrets version (every
+        """The answer is rebuilt only when what it shows changes: the secrets state (every
         accepted delivery), readiness, or the uptime second. Probes poll this endpoint hard."""
         want_ready = req.query.get("ready", ["0"])[-1] in ("1", "true")
         ready = self.ready()
-        key = (want_ready, ready, self.store.version if self.store else 0,
-               int(time.monotonic() - self.started))
+        # the store's state is an immutable snapshot replaced on every change: compare identity
+        state = self.store.current() if self.store else None
+        key = (want_ready, ready, int(time.monotonic() - self.started))
         cached = self._health_cache
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and cached[3] is state:
             return cached[1], JSON_TYPE, cached[2]
         body = self.health(ready)
         status = 200
@@ -69,7 +72,7 @@ class Runtime:
             body["ready"] = ready
             status = 200 if ready else 503
         data = json_bytes(body)
-        self._health_cache = (key, status, data)
+        self._health_cache = (key, status, data, state)
         return status, JSON_TYPE, data
 
     def metrics_text(self, req: Request):
@@ -77,7 +80,10 @@ class Runtime:
 
     def close(self) -> None:
         for close in self.closers:
-            close()
+            try:
+                close()
+            except Exception:  # one failing closer must not keep the others open
+                log.exception("error while closing %r", close)
 
     # -- routes --------------------------------------------------------------------------
     def router(self) -> Router:

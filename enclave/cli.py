@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in ([], ["serve"]):
         # The enclave's own start: nothing to parse, and argparse costs ~8 ms of start-up.
-        from enclave import service
-        return service.run(SimpleNamespace(command="serve", env_file=None))
+        try:
+            from enclave import service
+            return service.run(SimpleNamespace(command="serve", env_file=None))
+        except KeyboardInterrupt:  # before serve installs its own signal handlers
+            return 130
     if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "serve")
     import argparse  # imported here: the plain `serve` path above does without it

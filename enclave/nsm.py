@@ -97,7 +97,8 @@ class NsmDevice:
 
     def process(self, request: bytes) -> bytes:
         """One raw exchange: CBOR request in, CBOR response out (the production ioctl path)."""
-        if self._fd is None:
+        fd = self._fd  # read once: close() may run on another thread
+        if fd is None:
             raise NsmError(f"{self.path} is closed")
         if len(request) > NSM_REQUEST_MAX_BYTES:
             raise NsmError(f"NSM request is {len(request)} bytes, limit {NSM_REQUEST_MAX_BYTES}")
@@ -106,7 +107,7 @@ class NsmDevice:
         message = bytearray(_MESSAGE.pack(ctypes.addressof(request_buf), len(request),
                                           ctypes.addressof(response_buf), NSM_RESPONSE_MAX_BYTES))
         try:
-            self._ioctl(self._fd, NSM_IOCTL_REQUEST, message, True)
+            self._ioctl(fd, NSM_IOCTL_REQUEST, message, True)
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 raise NsmError("NSM refused the request as too large") from None

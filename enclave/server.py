@@ -140,6 +140,13 @@ class _DeadlineReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def clear_deadline(self) -> None:
+        """Back to the idle timeout alone, also for the answer's write on the same socket."""
+        self.deadline = None
+        if self._timeout != self.idle_timeout:
+            self.sock.settimeout(self.idle_timeout)
+            self._timeout = self.idle_timeout
+
     def readinto(self, buffer) -> int:
         timeout = self.idle_timeout
         if self.deadline is not None:
@@ -212,7 +219,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, OSError):
             self.close_connection = True
             return
-        self._reader.deadline = None
+        self._reader.clear_deadline()
         if self.server.draining:
             self.close_connection = True
         self.busy = True  # a plain attribute: no lock per request; drain() polls it
@@ -257,10 +264,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             name, sep, value = raw.decode("latin-1").partition(":")
             if not sep or not _TOKEN.fullmatch(name):
                 raise BadRequest(400, "bad_request", "malformed header line")
-            items.append((name, value.strip(" \t\r\n")))
+            value = value.strip(" \t\r\n")
+            if "\r" in value or "\x00" in value or "\n" in value:
+                raise BadRequest(400, "bad_request", "a header value holds CR, LF or NUL")
+            items.append((name, value))
             if len(items) > MAX_HEADER_COUNT:
                 raise BadRequest(431, "headers_too_large", "too many header lines")
         self.headers = headers = Headers(items)
+        for name in ("Content-Length", "Host"):  # one each at most (RFC 9112 6.3, 3.2)
+            if len(headers.get_all(name) or ()) > 1:
+                raise BadRequest(400, "bad_request", f"more than one {name} header")
         connection = (headers.get("Connection") or "").lower()
         if version == "HTTP/1.0":
             self.close_connection = "keep-alive" not in connection
@@ -329,8 +342,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _discard_body(self) -> None:
         """Keep the stream in sync: a body we do not read means the connection must close."""
-        if self.headers.get("Content-Length", "0") not in ("", "0") or \
-                self.headers.get("Transfer-Encoding"):
+        lengths = self.headers.get_all("Content-Length") or []
+        if "Transfer-Encoding" in self.headers or any(v != "0" for v in lengths):
             self.close_connection = True
 
     def _read_body(self, route: Route, request: Request) -> None:
@@ -356,11 +369,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if content_type != JSON_TYPE:
             raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
         pending = self._precheck(request) if route.auth else None
-        if length and (self.headers.get("Expect") or "").lower() == "100-continue":
+        if (length and self.request_version == "HTTP/1.1"  # HTTP/1.0 expectations are ignored
+                and (self.headers.get("Expect") or "").lower() == "100-continue"):
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for this
         self._reader.deadline = time.monotonic() + self.body_deadline
         body = self.rfile.read(length) if length else b""
-        self._reader.deadline = None
+        self._reader.clear_deadline()
         if len(body) != length:
             self.close_connection = True
             raise ConnectionError("client closed before sending the whole body")

@@ -41,7 +41,8 @@ class Running:
     def stop(self) -> bool:
         clean = self.http.drain()
         self.listener.shutdown()
-        self.runtime.close()
+        if clean:  # requests still running after the drain keep their devices and pools
+            self.runtime.close()
         for thread in self.threads:
             thread.join(timeout=5)
         return clean

@@ -54,6 +54,9 @@ class WatermarkService:
             if self._generation is not None and snapshot.generation < self._generation:
                 snapshot = self.store.mtls()
             if not snapshot.configured or not snapshot.endpoint:
+                if self._client is not None:  # cleared: no idle connection keeps the old cert
+                    self._client.close()
+                    self._client, self._generation = None, snapshot.generation
                 return None, snapshot
             if self._generation != snapshot.generation or self._client is None:
                 old = self._client
@@ -84,11 +87,10 @@ class WatermarkService:
                 "ECS_WATERMARK_ENDPOINT has not been delivered yet"))
 
     def handle(self, req: Request):
-        self._check_configured(self.store.mtls())
-        req.json()  # the body must be a JSON object (400 otherwise); forwarded byte for byte
         client, snapshot = self._client_for(self.store.mtls())
-        if client is None:  # cleared by a delivery in the meantime
+        if client is None:  # not delivered yet, or cleared (its pool is then closed)
             self._check_configured(snapshot)
+        req.json()  # the body must be a JSON object (400 otherwise); forwarded byte for byte
         url = snapshot.endpoint.rstrip("/") + self.path
         started = time.perf_counter()
         try:

@@ -150,6 +150,13 @@ class Answers(unittest.TestCase):
                 self.port, b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n"), 431),
             ("too many headers", raw_exchange(
                 self.port, b"GET /healthz HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n"), 431),
+            ("two Content-Length headers on a GET", raw_exchange(
+                self.port, b"GET /healthz HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 24\r\n\r\n"
+                b"GET /healthz HTTP/1.1\r\n\r\n"), 400),
+            ("two Host headers", raw_exchange(
+                self.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), 400),
+            ("bare CR inside a header value", raw_exchange(
+                self.port, b"GET /healthz HTTP/1.1\r\nX-A: a\rContent-Length: 5\r\n\r\n"), 400),
         ]
         for name, data, status in cases:
             with self.subTest(name):
@@ -157,6 +164,13 @@ class Answers(unittest.TestCase):
                 self.assertEqual(got, status)
                 self.assertIn("error", json.loads(body))
                 self.assertEqual(headers["content-type"], "application/json")
+
+    def test_a_body_on_a_get_is_never_read_as_the_next_request(self):
+        smuggled = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+        data = raw_exchange(self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                            + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled)
+        self.assertEqual(data.count(b"HTTP/1.1 "), 1, data)  # one answer, then the close
+        self.assertIn(b"Connection: close", data)
 
     def test_http_1_0_closes_and_expect_100_continue_is_answered(self):
         data = raw_exchange(self.port, b"GET /healthz HTTP/1.0\r\n\r\n")

@@ -36,7 +36,8 @@ RPC_PATHS = ("/v1/rpc/google/token/exchange", "/v1/rpc/google/token/refresh",
 class _Store:
     """Secrets received and usable, as /healthz reports them."""
 
-    version = 1
+    def current(self):
+        return None  # the state snapshot /healthz caches against: never changes here
 
     def health(self) -> dict:
         return {"secrets": {"received": True, "version": 1, "updated_at": "2026-01-01T00:00:00Z"},
