@@ -99,12 +99,8 @@ class _FakeWatermark:
         self.endpoint = f"https://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        from bench.run import stop_process
+        stop_process(self.proc)
         self.log.close()
 
     def __enter__(self):

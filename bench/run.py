@@ -55,6 +55,16 @@ def wait_http(port: int, path: str = "/healthz", timeout: float = READY_TIMEOUT_
     raise RuntimeError(f"nothing answered on port {port} within {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def runtime_env(state: str, http_port: int, secrets_port: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ALFRED_", "ENCLAVE_", "TEE_", "GOOGLE_", "ECS_", "MTLS_"))}
@@ -91,12 +101,7 @@ class Runtime:
         return float("nan")
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         if self.proc.stderr:
             self.proc.stderr.close()
         shutil.rmtree(self.state, ignore_errors=True)
