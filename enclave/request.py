@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ApiError
 
@@ -50,9 +50,6 @@ class Request:
     headers: Headers
     body: bytes = b""
     client: tuple = ()
-    # Filled by the server after a successful HMAC check (routes with auth=True).
-    authenticated: bool = False
-    extras: dict = field(default_factory=dict)
 
     def json(self) -> dict:
         """The body as a JSON object, or ApiError 400 (malformed_json / invalid_request)."""
