@@ -407,6 +407,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception:
             log.exception("authenticator error")
             raise AuthError("authenticator_error") from None
+        request.authenticated = True
 
 
 class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
