@@ -56,10 +56,16 @@ class Sign1:
 
 
 def loads_strict(data: bytes, max_depth: int = MAX_CBOR_DEPTH):
-    """Decode exactly one CBOR item: definite lengths, no duplicate map keys, no trailing bytes."""
+    """Decode exactly one CBOR item: no duplicate map keys, bounded depth, no trailing bytes.
+
+    Definite and indefinite lengths are both accepted: AWS has encoded the attestation payload
+    (and NSM answers) with indefinite-length maps since early 2026. Chunks of an indefinite
+    string must be definite strings of the same type (cbor2 enforces it). Signatures are always
+    checked over the bytes as received, never a re-encoding, so this weakens nothing.
+    """
     fp = io.BytesIO(data)
     try:
-        value = cbor2.CBORDecoder(fp, allow_indefinite=False, allow_duplicate_keys=False,
+        value = cbor2.CBORDecoder(fp, allow_indefinite=True, allow_duplicate_keys=False,
                                   max_depth=max_depth).decode()
     except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, ...)
         raise CoseError(f"malformed CBOR: {exc}") from None

@@ -17,6 +17,7 @@ import struct
 
 import cbor2
 
+from . import cose
 from .config import NSM_DEVICE
 from .errors import EnclaveError
 
@@ -28,6 +29,7 @@ NSM_IOCTL_REQUEST = 0xC0200A00  # _IOWR(0x0A, 0, 32): dir=3 << 30 | size 32 << 1
 NSM_REQUEST_MAX_BYTES = 0x1000  # the driver refuses larger requests
 NSM_RESPONSE_MAX_BYTES = 0x3000  # response buffer size the AWS library uses (12 KiB)
 NSM_USER_FIELD_MAX_BYTES = 1024  # user_data, nonce and public_key each hold at most 1 KiB
+NSM_RESPONSE_MAX_DEPTH = 4  # {"Attestation": {"document": bytes}}: two maps, with room to spare
 # Native order: request.base, request.len, response.base, response.len.
 _MESSAGE = struct.Struct("=QQQQ")
 
@@ -58,8 +60,8 @@ def encode_request(*, user_data: bytes | None, nonce: bytes | None,
 def decode_response(data: bytes, truncated: bool = False) -> bytes:
     """The document from {"Attestation": {"document": bytes}}, or NsmError for {"Error": ...}."""
     try:
-        answer = cbor2.loads(data, allow_indefinite=False, max_depth=4)
-    except Exception:
+        answer = cose.loads_strict(data, max_depth=NSM_RESPONSE_MAX_DEPTH)
+    except cose.CoseError:
         if truncated:
             raise NsmError(f"NSM response filled the whole {NSM_RESPONSE_MAX_BYTES}-byte buffer "
                            "and does not decode: it was truncated") from None

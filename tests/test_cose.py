@@ -60,7 +60,8 @@ class TestEncoding(unittest.TestCase):
             "payload not bytes": cbor2.dumps([good[0], {}, "p", b"s"]),
             "signature not bytes": cbor2.dumps([good[0], {}, b"p", None]),
             "protected not a map": cbor2.dumps([cbor2.dumps([1]), {}, b"p", b"s"]),
-            "indefinite length": b"\x9f" + b"".join(cbor2.dumps(x) for x in good) + b"\xff",
+            "unterminated indefinite array": b"\x9f" + b"".join(cbor2.dumps(x) for x in good),
+            "indefinite string of mixed chunks": b"\x84" + cbor2.dumps(good[0]) + b"\xa0\x5f\x61p\xff" + cbor2.dumps(b"s"),
             "duplicate header": cbor2.dumps([b"\xa2\x01\x38\x22\x01\x26", {}, b"p", b"s"]),
             "too large": cbor2.dumps([good[0], {}, bytes(cose.MAX_SIGN1_BYTES), b"s"]),
             "not bytes at all": "text",
@@ -68,6 +69,17 @@ class TestEncoding(unittest.TestCase):
         for name, data in cases.items():
             with self.subTest(name), self.assertRaises(cose.CoseError):
                 cose.decode_sign1(data)
+
+
+    def test_decode_accepts_indefinite_lengths(self):
+        # AWS's current encoder writes indefinite-length items; the protected bytes and the
+        # payload are kept exactly as received (a chunked bstr is joined, as CBOR defines it).
+        good = [b"\xa1\x01\x38\x22", {}, b"payload", b"sig"]
+        data = (b"\x9f" + cbor2.dumps(good[0]) + b"\xbf\xff" + b"\x5f\x43pay\x44load\xff"
+                + cbor2.dumps(good[3]) + b"\xff")
+        decoded = cose.decode_sign1(data)
+        self.assertEqual((decoded.protected_bytes, decoded.unprotected, decoded.payload,
+                          decoded.signature), tuple(good))
 
 
 class TestSignatures(unittest.TestCase):

@@ -1,9 +1,12 @@
 """NsmDevice and NsmSource against the fake /dev/nsm (production struct building and parsing)."""
 
+import base64
 import errno
+import json
 import tempfile
 import unittest
 from dataclasses import replace
+from unittest import mock
 
 import cbor2
 from cryptography.hazmat.primitives import serialization
@@ -12,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from enclave import attestation, devpki, nsm, verify
 from enclave.config import Settings
 from enclave.identity import SigningIdentity
-from tests.fakes.fake_nsm import FakeNsm
+from tests.fakes.fake_nsm import FakeNsm, dumps_indefinite
+from tests.stack import LocalStack
 from tests.support import remember_private_key
 
 
@@ -58,6 +62,8 @@ class TestWireFormat(unittest.TestCase):
             "other": (cbor2.dumps({"LockPCR": None}), "unexpected NSM response"),
             "no document": (cbor2.dumps({"Attestation": {}}), "unexpected NSM response"),
             "not cbor": (b"\xff\xff", "not valid CBOR"),
+            "unterminated indefinite": (b"\xbf\x65Error", "not valid CBOR"),
+            "trailing bytes": (cbor2.dumps({"Error": "x"}) + b"\x00", "not valid CBOR"),
         }
         for name, (data, message) in cases.items():
             with self.subTest(name), self.assertRaisesRegex(nsm.NsmError, message):
@@ -139,6 +145,22 @@ class TestNsmSource(NsmTestCase):
         self.assertEqual(doc.user_data, b"user")
         self.assertEqual(fake.requests[-1]["Attestation"]["public_key"], identity.public_key_der)
 
+    def test_indefinite_length_answers_and_documents(self):
+        # The NSM's own CBOR (the response envelope and the document payload) may use
+        # indefinite lengths; both are decoded as received and the document verifies.
+        self.assertEqual(nsm.decode_response(dumps_indefinite({"Attestation": {"document": b"doc"}})),
+                         b"doc")
+        fake = self.fake("indefinite")
+        settings, identity = self.settings()
+        att = attestation.build_attestation(settings, nsm_open=fake.open)
+        self.addCleanup(att.close)
+        nonce = b"\x09" * 32
+        document = att.source.document(nonce, b"user")
+        self.assertEqual(cbor2.loads(document)[2][:1], b"\xbf")
+        doc = verify.verify_document(document, roots=[self.root.cert_der],
+                                     at_ms=verify.AT_DOCUMENT_TIME, expected_nonce=nonce)
+        self.assertEqual((doc.public_key, doc.user_data), (identity.public_key_der, b"user"))
+
     def test_build_attestation_fails_at_start_up_when_the_nsm_errors(self):
         settings, _ = self.settings()
         with self.assertRaisesRegex(attestation.AttestationConfigError, "Error: 'InvalidArgument'"):
@@ -150,6 +172,38 @@ class TestNsmSource(NsmTestCase):
         fake.mode = "error"
         with self.assertRaises(attestation.AttestationError):
             source.document(b"n" * 16)
+
+
+class TestRuntimeOverIndefiniteNsmAnswers(NsmTestCase):
+    """The runtime's document and challenge endpoints on an NSM that answers in indefinite form."""
+
+    def test_document_and_challenge_endpoints(self):
+        fake = self.fake("indefinite")
+        real_device = nsm.NsmDevice
+        env = {"ENCLAVE_RUNTIME_MODE": "remote", "TEE_ATTESTATION_DOCUMENT_PATH": "/dev/nsm",
+               "TEE_ALLOW_INSECURE_DEV_ATTESTATION": "false"}
+        with mock.patch.object(nsm, "NsmDevice",
+                               lambda path: real_device(fake.device_path, ioctl=fake.ioctl)):
+            stack = LocalStack(watermark=False, google=False, env=env)
+        self.addCleanup(stack.close)
+        status, answer = stack.call("GET", "/v1/attestation/document", sign=False)
+        self.assertEqual(status, 200, answer)
+        document = base64.b64decode(answer["document"])
+        self.assertEqual(cbor2.loads(document)[2][:1], b"\xbf")
+        verify.verify_document(document, roots=[self.root.cert_der], at_ms=verify.AT_DOCUMENT_TIME)
+        self.assertEqual(answer["format"], "aws-nitro")
+
+        nonce = b"\x0b" * 32
+        body = json.dumps({"nonce": base64.b64encode(nonce).decode(),
+                           "user_data": base64.b64encode(b"bound").decode()}).encode()
+        status, answer = stack.call("POST", "/v1/attestation/challenge", body, sign=False)
+        self.assertEqual(status, 200, answer)
+        self.assertTrue(answer["nonce_bound_document"])
+        doc = verify.verify_document(base64.b64decode(answer["document"]),
+                                     roots=[self.root.cert_der], at_ms=verify.AT_DOCUMENT_TIME,
+                                     expected_nonce=nonce,
+                                     evidence=base64.b64decode(answer["evidence"]))
+        self.assertEqual(doc.user_data, b"bound")
 
 
 if __name__ == "__main__":

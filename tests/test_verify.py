@@ -16,6 +16,7 @@ import cbor2
 
 from enclave import attestation, cmd_verify, cose, devpki, identity, verify
 from enclave.verify import AT_DOCUMENT_TIME, VerificationError, verify_document
+from tests.fakes.fake_nsm import FakeNsm, dumps_indefinite
 from tests.support import keep_off_console
 
 DATA = Path(__file__).parent / "data" / "nitro"
@@ -196,6 +197,82 @@ def _cabundle(fn):
     def mutate(fields):
         fields["cabundle"] = fn(list(fields["cabundle"]))
     return mutate
+
+
+class TestIndefiniteLengthPayloads(unittest.TestCase):
+    """Since early 2026 AWS encodes the payload map with indefinite length (0xbf ... 0xff)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.root = devpki.load_or_create_root(cls._tmp.name)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def test_rewritten_real_payload_passes_step_2_and_fails_only_at_the_signature(self):
+        # The issue's reproduction: the real 2024 payload re-framed as an indefinite map. Its
+        # claims still parse (steps 2-4 pass); the signature covers the old bytes (step 5).
+        protected, unprotected, payload, signature = cbor2.loads(load(PROD))
+        self.assertEqual(payload[0] & 0xE0, 0xA0)  # a definite-length map today
+        rewritten = b"\xbf" + payload[1:] + b"\xff"
+        self.assertEqual(cbor2.loads(rewritten), cbor2.loads(payload))
+        document = cbor2.dumps([protected, unprotected, rewritten, signature])
+        with self.assertRaises(VerificationError) as ctx:
+            verify_document(document, roots=aws_roots(), at_ms=AT_DOCUMENT_TIME)
+        self.assertEqual(ctx.exception.step, 5, str(ctx.exception))
+
+    def test_indefinite_documents_signed_by_a_test_root_verify(self):
+        for nested in (False, True):
+            with self.subTest(nested=nested):
+                fake = FakeNsm(self.root, mode="indefinite")
+                self.addCleanup(fake.cleanup)
+                if not nested:
+                    fake.mint_encoder = lambda claims: dumps_indefinite(claims, nested=False)
+                nonce, user_data = b"\x05" * 32, b"claims-0123456789"
+                document = fake.mint({"nonce": nonce, "user_data": user_data,
+                                      "public_key": b"\x04" * 97})
+                payload = cbor2.loads(document)[2]
+                self.assertEqual(payload[:1], b"\xbf")
+                nonce_head = b"\x5f" if nested else b"\x58\x20"  # indefinite or 32-byte bstr
+                self.assertIn(cbor2.dumps("nonce") + nonce_head, payload)
+                doc = verify_document(document, roots=[self.root.cert_der],
+                                      at_ms=AT_DOCUMENT_TIME, expected_nonce=nonce)
+                self.assertEqual((doc.nonce, doc.user_data, doc.public_key),
+                                 (nonce, user_data, b"\x04" * 97))
+                self.assertEqual(doc.sha384, hashlib.sha384(document).digest())
+                # One byte changed in a signed claim: the signature no longer holds (step 5).
+                at = payload.index(user_data[-4:])
+                tampered_payload = payload[:at] + b"X" + payload[at + 1:]
+                parts = cbor2.loads(document)
+                tampered = cbor2.dumps([parts[0], parts[1], tampered_payload, parts[3]])
+                with self.assertRaises(VerificationError) as ctx:
+                    verify_document(tampered, roots=[self.root.cert_der],
+                                    at_ms=AT_DOCUMENT_TIME)
+                self.assertEqual(ctx.exception.step, 5, str(ctx.exception))
+
+    def test_indefinite_payload_keeps_the_depth_size_and_duplicate_key_limits(self):
+        fake = FakeNsm(self.root, mode="indefinite")
+        self.addCleanup(fake.cleanup)
+        claims = cbor2.loads(cbor2.loads(fake.mint({}))[2])
+        key = cbor2.dumps("module_id") + cbor2.dumps("again")
+        cases = {
+            "duplicate key": b"\xbf" + key + key + b"\xff",
+            "too deep": b"\xbf" + cbor2.dumps("x") + b"\x9f" * 40 + b"\xff" * 41,
+            "unterminated": dumps_indefinite(claims)[:-1],
+            "trailing bytes": dumps_indefinite(claims) + b"\x00",
+            "chunk of the wrong type": b"\xbf" + cbor2.dumps("module_id") + b"\x7f\x41a\xff\xff",
+            "break outside an item": b"\xff",
+        }
+        for name, payload in cases.items():
+            with self.subTest(name):
+                document = cose.encode_sign1(cose.protected_header(cose.ALG_ES384), payload,
+                                             bytes(96))
+                with self.assertRaises(VerificationError) as ctx:
+                    verify_document(document, roots=[self.root.cert_der],
+                                    at_ms=AT_DOCUMENT_TIME)
+                self.assertEqual(ctx.exception.step, 2, str(ctx.exception))
 
 
 class TestTampering(unittest.TestCase):

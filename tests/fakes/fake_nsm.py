@@ -20,7 +20,28 @@ import cbor2
 from enclave import cose, devpki, nsm
 
 MESSAGE = struct.Struct("=QQQQ")
-MODES = ("ok", "error", "oversized", "errno", "garbage")
+MODES = ("ok", "indefinite", "error", "oversized", "errno", "garbage")
+
+
+def dumps_indefinite(value, *, nested: bool = True) -> bytes:
+    """CBOR with indefinite lengths, as AWS has encoded attestation payloads since early 2026.
+
+    The outer map or array is 0xbf/0x9f ... 0xff. With `nested`, so are the maps and arrays
+    inside it, and byte and text strings of two or more units are indefinite strings of two
+    chunks. Map keys stay definite, as AWS writes them.
+    """
+    def item(v, depth):
+        if isinstance(v, dict) and (nested or depth == 0):
+            return b"\xbf" + b"".join(cbor2.dumps(k) + item(x, depth + 1)
+                                      for k, x in v.items()) + b"\xff"
+        if isinstance(v, list) and (nested or depth == 0):
+            return b"\x9f" + b"".join(item(x, depth + 1) for x in v) + b"\xff"
+        if nested and isinstance(v, (bytes, str)) and len(v) >= 2:
+            start = b"\x5f" if isinstance(v, bytes) else b"\x7f"
+            half = len(v) // 2
+            return start + cbor2.dumps(v[:half]) + cbor2.dumps(v[half:]) + b"\xff"
+        return cbor2.dumps(v)
+    return item(value, 0)
 
 
 class FakeNsm:
@@ -34,6 +55,8 @@ class FakeNsm:
         self.clock = clock
         self.module_id = "i-0fake0nsm0000000-enc0000000000000000"
         self.requests: list = []
+        # How the payload map is encoded: indefinite lengths in mode "indefinite".
+        self.mint_encoder = dumps_indefinite if mode == "indefinite" else cbor2.dumps
         self.fds: list[int] = []
         fd, self.device_path = tempfile.mkstemp(prefix="fake-nsm-")
         os.close(fd)
@@ -46,7 +69,7 @@ class FakeNsm:
         return nsm.NsmDevice(self.device_path, ioctl=self.ioctl)
 
     def mint(self, request: dict) -> bytes:
-        payload = cbor2.dumps({
+        payload = self.mint_encoder({
             "module_id": self.module_id,
             "digest": "SHA384",
             "timestamp": int(self.clock() * 1000),
@@ -71,7 +94,8 @@ class FakeNsm:
         body = request.get("Attestation") if isinstance(request, dict) else None
         if not isinstance(body, dict):
             return cbor2.dumps({"Error": "InvalidOperation"})
-        return cbor2.dumps({"Attestation": {"document": self.mint(body)}})
+        answer = {"Attestation": {"document": self.mint(body)}}
+        return dumps_indefinite(answer) if self.mode == "indefinite" else cbor2.dumps(answer)
 
     def ioctl(self, fd: int, request: int, arg, mutate_flag: bool = True) -> int:
         os.fstat(fd)  # a real open descriptor, as the kernel would require
