@@ -9,7 +9,7 @@ challenge_rows(): POST /v1/attestation/challenge requests/s over HTTP (16 keep-a
     identity (the evidence; Ed25519 here, pinned through the environment), over payloads of the
     exact sizes the server signs. Target >= 0.7. The machine is shared and noisy: best-of on both
     sides compares the two at their least disturbed.
-verifier_rows(): enclave.verify.verify_document on the real production Nitro document (at its
+verifier_rows(): enclave.nitro.Verifier.verify on the real production Nitro document (at its
     own timestamp) vs the raw rate of the signature check it cannot cache: the ES384 verification
     of the document's COSE signature (the chain's signatures are pure functions of the DER bytes
     and are cached). Target >= 0.8. The cold rate (caches cleared per document, so four chain
@@ -104,7 +104,7 @@ def _post_challenge(port: int) -> dict:
 def raw_challenge_signers(answer: dict):
     """One challenge's signatures, in process: ES384 (P-384) over the document's Sig_structure and
     Ed25519 over the evidence's, with the byte sizes taken from a real answer."""
-    from enclave import cose
+    from enclave.nitro import cose
 
     document = cose.decode_sign1(base64.b64decode(answer["document"]))
     evidence = cose.decode_sign1(base64.b64decode(answer["evidence"]))
@@ -166,7 +166,8 @@ def measure_challenge(runs: int = CHALLENGE_RUNS, seconds: float = CHALLENGE_SEC
 
 def _check_answer(answer: dict, state_dir: str) -> None:
     """The answer under load is the real thing: it verifies with the dev root and the nonce."""
-    from enclave import devpki, verify
+    from enclave import devpki
+    from enclave.nitro import verifier as verify
 
     roots = verify.pem_to_der_certs(devpki.read_root_pem(state_dir))
     verify.verify_document(base64.b64decode(answer["document"]), roots=roots,
@@ -193,15 +194,15 @@ def challenge_rows() -> list[dict]:
 
 # -- verifier -----------------------------------------------------------------------------
 def measure_verifier(seconds: float = VERIFY_SECONDS) -> dict:
-    from enclave import cose, verify
+    from enclave.nitro import AT_DOCUMENT_TIME, Verifier, cose
 
     document = base64.b64decode(PRODUCTION_DOCUMENT.read_text())
-    roots = [verify.nitro_root_der()]
+    verifier = Verifier.production()
 
     def verify_once():
-        verify.verify_document(document, roots=roots, at_ms=verify.AT_DOCUMENT_TIME)
+        verifier.verify(document, at_ms=AT_DOCUMENT_TIME)
 
-    verified = verify.verify_document(document, roots=roots, at_ms=verify.AT_DOCUMENT_TIME)
+    verified = verifier.verify(document, at_ms=AT_DOCUMENT_TIME)
     leaf_key = x509.load_der_x509_certificate(verified.certificate).public_key()
     sign1 = cose.decode_sign1(document)
     tbs = cose.sig_structure(sign1.protected_bytes, sign1.payload)
@@ -213,12 +214,10 @@ def measure_verifier(seconds: float = VERIFY_SECONDS) -> dict:
 
     rates = _interleaved({"verifier": verify_once, "raw": raw_once}, seconds)
 
-    def cold_once():
-        verify.clear_caches()
-        verify_once()
+    def cold_once():  # a new verifier: nothing cached
+        Verifier.production().verify(document, at_ms=AT_DOCUMENT_TIME)
 
     cold = _rate(cold_once, COLD_SECONDS)
-    verify.clear_caches()
     return {**rates, "cold": cold, "document_bytes": len(document)}
 
 

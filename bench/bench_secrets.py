@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from enclave.addresses import parse_address
-from enclave.cmd_send_secrets import exchange
+from enclave.host.send_secrets import exchange
 from enclave.config import Settings
 from enclave.metrics import Metrics
 from enclave.secrets_listener import SecretsListener

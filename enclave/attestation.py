@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import secrets
 import sys
 import threading
@@ -24,10 +23,12 @@ from pathlib import Path
 
 import cbor2
 
-from . import cose, devpki, verify
-from .config import NSM_DEVICE, ConfigError
+from . import devpki
+from .config import ConfigError
 from .errors import ApiError, EnclaveError
 from .identity import INTENT_CHALLENGE, IdentityError, SigningIdentity
+from .nitro import cose, verifier
+from .nitro.encoding import decode_b64, read_document_bytes
 from .server import JSON_TYPE
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ DOCUMENT_CACHE_SECONDS = 30.0  # a cached dev-shim document is at most this old
 DEV_SHIM_PCR_COUNT = 16  # like Nitro: PCR0..15, 48 bytes each
 DEV_LEAF_RENEW_BEFORE = dt.timedelta(hours=1)  # minted documents stay verifiable >= 1 h
 CBOR_MAP_MAJOR = 0xA0  # CBOR major type 5 (map) with a count below 24 in the low bits
+NSM_DEVICE = "/dev/nsm"  # TEE_ATTESTATION_DOCUMENT_PATH value that selects the NSM source
 MAX_STATIC_DOCUMENT_FILE_BYTES = 64 * 1024  # base64 of a 16 KiB document, with room to spare
-_HEX = re.compile(rb"[0-9a-fA-F]+")
 # The challenge answer, as server.json_bytes would encode it. Every %s is a standard base64 string
 # (A-Z a-z 0-9 + / =: nothing JSON escapes) except nonce_bound_document, which is json.dumps(bool).
 _CHALLENGE_JSON = (b'{"nonce":"%s","document":"%s","nonce_bound_document":%s,'
@@ -85,21 +86,6 @@ def measure_tree(package_dir: Path) -> bytes:
         digest.update(len(name).to_bytes(8, "big") + name)
         digest.update(len(content).to_bytes(8, "big") + content)
     return digest.digest()
-
-
-def read_document_bytes(data: bytes) -> bytes:
-    """A document given as raw CBOR, base64 (standard or URL-safe) or hex; ValueError if none."""
-    if not data:
-        raise ValueError("empty document")
-    if data[0] in (0x84, 0xD2):  # CBOR array(4) or tag(18): raw COSE_Sign1
-        return bytes(data)
-    text = data.strip()
-    if _HEX.fullmatch(text) and len(text) % 2 == 0:
-        return bytes.fromhex(text.decode("ascii"))
-    try:
-        return verify.decode_b64(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError("document is neither raw CBOR, base64 nor hex") from None
 
 
 def payload_fields(document: bytes) -> dict:
@@ -172,7 +158,7 @@ class StaticSource(AttestationSource):
                 "minted for TEE_ATTESTATION_SIGNING_PRIVATE_KEY")
         cabundle = fields.get("cabundle")
         first = cabundle[0] if isinstance(cabundle, list) and cabundle else None
-        self.insecure = first != verify.nitro_root_der()
+        self.insecure = first != verifier.nitro_root_der()
         self._document = bytes(document)
 
     @classmethod
@@ -195,7 +181,7 @@ class StaticSource(AttestationSource):
     def from_base64(cls, text: str, identity: SigningIdentity) -> "StaticSource":
         origin = "TEE_ATTESTATION_DOCUMENT"
         try:
-            return cls(verify.decode_b64(text), identity, origin)
+            return cls(decode_b64(text), identity, origin)
         except ValueError:
             raise AttestationConfigError(f"{origin}: not base64") from None
 
@@ -214,9 +200,9 @@ class DevShimSource(AttestationSource):
         self._root = root
         self._clock = clock
         self.module_id = module_id or f"dev-shim-{secrets.token_hex(8)}"
-        self._pcrs = {i: bytes(verify.SHA384_BYTES) for i in range(DEV_SHIM_PCR_COUNT)}
+        self._pcrs = {i: bytes(verifier.SHA384_BYTES) for i in range(DEV_SHIM_PCR_COUNT)}
         self._pcrs[0] = measure_code()
-        map_header = bytes([CBOR_MAP_MAJOR | len(verify.DOCUMENT_FIELDS)])  # 9 entries: a9
+        map_header = bytes([CBOR_MAP_MAJOR | len(verifier.DOCUMENT_FIELDS)])  # 9 entries: a9
         self._head = map_header + b"".join(cbor2.dumps(x) for x in (
             "module_id", self.module_id, "digest", "SHA384", "timestamp"))
         self._nonce_key = cbor2.dumps("nonce")
@@ -250,9 +236,9 @@ class DevShimSource(AttestationSource):
 
     def document(self, nonce=None, user_data=None) -> bytes:
         for name, value in (("nonce", nonce), ("user_data", user_data)):
-            if value is not None and len(value) > verify.MAX_USER_FIELD_BYTES:
+            if value is not None and len(value) > verifier.MAX_USER_FIELD_BYTES:
                 raise AttestationError(f"{name} is {len(value)} bytes, limit "
-                                       f"{verify.MAX_USER_FIELD_BYTES}")
+                                       f"{verifier.MAX_USER_FIELD_BYTES}")
         signer, middle = self._current_signer()
         # The CBOR map of the Nitro payload, in the NSM's field order, from pre-encoded parts:
         # equal to cbor2.dumps({"module_id": ..., "digest": ..., ..., "nonce": nonce}).
@@ -353,9 +339,8 @@ def build_attestation(settings, now=None, *, nsm_open=None) -> Attestation:
 def _check_static(source: StaticSource, settings) -> None:
     """A static document must verify against the AWS root at its own timestamp when required."""
     try:
-        verify.verify_document(source.document(), roots=[verify.nitro_root_der()],
-                               at_ms=verify.AT_DOCUMENT_TIME)
-    except verify.VerificationError as exc:
+        verifier.Verifier.production().verify(source.document(), at_ms=verifier.AT_DOCUMENT_TIME)
+    except verifier.VerificationError as exc:
         if settings.attestation_required:
             raise AttestationConfigError(f"static attestation document rejected: {exc}") from None
         logger.warning("static attestation document does not verify against the AWS root: %s",
@@ -470,7 +455,7 @@ def _b64_field(body: dict, name: str, code: str, low: int, high: int, *, require
     if not isinstance(value, str):
         raise ApiError(400, code, f"{name} must be a base64 string")
     try:
-        decoded = verify.decode_b64(value)
+        decoded = decode_b64(value)
     except ValueError:
         raise ApiError(400, code, f"{name} is not valid base64") from None
     if not low <= len(decoded) <= high:

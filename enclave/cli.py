@@ -16,11 +16,11 @@ EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 # Modules are imported only when their command runs, to keep start-up fast.
 COMMANDS = {
     "serve": ("enclave.service", "run the runtime (the default command)"),
-    "check-config": ("enclave.cmd_check_config", "validate the configuration, print it redacted"),
-    "verify": ("enclave.cmd_verify", "verify an attestation document (and evidence, responses)"),
-    "probe": ("enclave.probe", "fail-closed start-up probe of a running runtime"),
-    "sign": ("enclave.cmd_sign", "print X-Enclave-* headers that sign an RPC request"),
-    "send-secrets": ("enclave.cmd_send_secrets", "deliver a secrets JSON file to the listener"),
+    "check-config": ("enclave.host.check_config", "validate the configuration, print it redacted"),
+    "verify": ("enclave.host.verify", "verify an attestation document (and evidence, responses)"),
+    "probe": ("enclave.host.probe", "fail-closed start-up probe of a running runtime"),
+    "sign": ("enclave.host.sign", "print X-Enclave-* headers that sign an RPC request"),
+    "send-secrets": ("enclave.host.send_secrets", "deliver a secrets JSON file to the listener"),
 }
 
 

@@ -10,6 +10,7 @@ import base64
 import binascii
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,11 +18,11 @@ from urllib.parse import urlsplit
 from .addresses import Address, AddressError, is_loopback_ip, parse_address
 from .egress import EgressError, parse_routes
 from .errors import EnclaveError
+from .rpcauth import LOCAL_DEFAULT_RPC_SECRET
 
 ENVIRONMENTS = ("local", "test", "staging", "production")
 STRICT_ENVIRONMENTS = ("staging", "production")
 MODES = ("dev-shim", "remote", "disabled")
-LOCAL_DEFAULT_RPC_SECRET = "local-dev-enclave-rpc-secret"
 MIN_RPC_SECRET_BYTES = 32  # production shared secret: at least 256 bits
 DEFAULT_SKEW_SECONDS = 30
 MIN_SKEW_SECONDS, MAX_SKEW_SECONDS = 1, 300
@@ -32,7 +33,6 @@ GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 GOOGLE_REVOKE_URL = "https://oauth2.googleapis.com/revoke"
 DEFAULT_WATERMARK_PATH = "/v1/watermark"
 MAX_DOTENV_BYTES = 1024 * 1024  # a .env file larger than 1 MiB is not a .env file
-NSM_DEVICE = "/dev/nsm"
 
 # Variables whose values are secrets: never printed, only "<set>".
 SECRET_FIELDS = frozenset({
@@ -343,3 +343,14 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         token_sealing_key=sealing_key, egress_routes=egress_routes,
         log_format=log_format, log_level=log_level,
     )
+
+
+def load_or_report(env_file: str | None):
+    """Settings, or None after printing every problem to stderr (the caller exits 2)."""
+    try:
+        return load_settings(dotenv=env_file)
+    except ConfigError as exc:
+        print("configuration error:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return None

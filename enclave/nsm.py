@@ -17,9 +17,8 @@ import struct
 
 import cbor2
 
-from . import cose
-from .config import NSM_DEVICE
 from .errors import EnclaveError
+from .nitro import cose
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def decode_response(data: bytes, truncated: bool = False) -> bytes:
 class NsmDevice:
     """An open /dev/nsm. `ioctl` is injectable (default fcntl.ioctl) for a fake device in tests."""
 
-    def __init__(self, path: str = NSM_DEVICE, ioctl=None):
+    def __init__(self, path: str, ioctl=None):
         self.path = path
         self._ioctl = ioctl or fcntl.ioctl
         try:

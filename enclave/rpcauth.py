@@ -23,10 +23,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import LOCAL_DEFAULT_RPC_SECRET
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
+
+# Published in the docs: accepted only when ALFRED_ENV=local and both listeners are on loopback.
+LOCAL_DEFAULT_RPC_SECRET = "local-dev-enclave-rpc-secret"
 
 SCHEME = "ENCLAVE-HMAC-SHA256"
 SIGNATURE_VERSION = "v1"

@@ -14,8 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from .app import Runtime
-from .cmd_check_config import load_or_report
-from .config import Settings
+from .config import Settings, load_or_report
 from .errors import EnclaveError
 from .logs import setup_logging
 from .metrics import Metrics

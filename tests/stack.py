@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from enclave.addresses import parse_address
-from enclave.cmd_send_secrets import exchange
+from enclave.host.send_secrets import exchange
 from enclave.config import LOCAL_DEFAULT_RPC_SECRET, load_settings
 from enclave.rpcauth import new_nonce, sign_request
 from enclave.service import start

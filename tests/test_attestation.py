@@ -20,12 +20,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from enclave import attestation, cose, devpki, identity, nsm, verify
+from enclave import attestation, devpki, identity, nsm
+from enclave.nitro import claims as nitro_claims
+from enclave.nitro import cose
+from enclave.nitro import verifier as verify
 from enclave.config import ConfigError, Settings
 from enclave.errors import ApiError
 from enclave.metrics import Metrics
 from enclave.request import Request
-from enclave.verify import AT_DOCUMENT_TIME, VerificationError, verify_document
+from enclave.nitro.verifier import AT_DOCUMENT_TIME, VerificationError, verify_document
 from tests.support import keep_off_console, remember_private_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +107,7 @@ class TestSigningIdentity(unittest.TestCase):
             with self.subTest(kind):
                 ident = identity.SigningIdentity.generate(kind)
                 signed = ident.sign_claims({"intent": "test/v1", "n": 1})
-                self.assertEqual(identity.verify_claims(signed, ident.public_key_der, "test/v1"),
+                self.assertEqual(nitro_claims.verify_claims(signed, ident.public_key_der, "test/v1"),
                                  {"intent": "test/v1", "n": 1})
 
     def test_verify_claims_failures(self):
@@ -127,11 +130,11 @@ class TestSigningIdentity(unittest.TestCase):
         }
         for name, (data, key, message) in cases.items():
             intent = "other/v1" if name == "wrong intent" else "test/v1"
-            with self.subTest(name), self.assertRaisesRegex(identity.ClaimsError, message):
-                identity.verify_claims(data, key, intent)
+            with self.subTest(name), self.assertRaisesRegex(nitro_claims.ClaimsError, message):
+                nitro_claims.verify_claims(data, key, intent)
 
     def test_canonical_json(self):
-        self.assertEqual(identity.canonical_json({"b": [1, 2.5], "a": "\u00e9"}),
+        self.assertEqual(nitro_claims.canonical_json({"b": [1, 2.5], "a": "\u00e9"}),
                          '{"a":"\u00e9","b":[1,2.5]}'.encode("utf-8"))
 
 
@@ -242,7 +245,7 @@ class TestDevShimSource(DevShimCase):
                 if path.is_file() and "__pycache__" not in path.parts:
                     zf.write(path, path.relative_to(ROOT).as_posix())
         script = ("import sys; sys.path.insert(0, sys.argv[1]); "
-                  "from enclave import attestation, verify; "
+                  "from enclave import attestation; from enclave.nitro import verifier as verify; "
                   "print(attestation.measure_code().hex(), verify.nitro_root_der().hex())")
         out = subprocess.run([sys.executable, "-c", script, str(archive)], cwd=self.state_dir,
                              capture_output=True, text=True, timeout=60, check=True).stdout

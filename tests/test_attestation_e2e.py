@@ -26,7 +26,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from enclave import attestation, devpki, identity, verify
+from enclave import attestation, devpki, identity
+from enclave.nitro import claims as nitro_claims
+from enclave.nitro import verifier as verify
 from tests.support import (keep_off_console, remember_key_files, remember_private_key,
                            remember_secret, scan_later)
 
@@ -217,7 +219,7 @@ class TestDevShimRoundTrip(TempDirCase):
         self.assertEqual(summary["user_data"], b64(user_data))
         self.assertEqual(summary["public_key"], answer["public_key"])
         self.assertEqual(summary["nonce_bound_by"], "document")
-        self.assertEqual(summary["evidence"]["intent"], identity.INTENT_CHALLENGE)
+        self.assertEqual(summary["evidence"]["intent"], nitro_claims.INTENT_CHALLENGE)
         dev_root = verify.pem_to_der_certs(devpki.read_root_pem(self.state_dir))[0]
         self.assertEqual(summary["root_sha256"], hashlib.sha256(dev_root).hexdigest())
 

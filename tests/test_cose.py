@@ -8,7 +8,7 @@ import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from enclave import cose
+from enclave.nitro import cose
 
 DATA = Path(__file__).parent / "data" / "nitro"
 

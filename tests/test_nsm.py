@@ -12,7 +12,8 @@ import cbor2
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from enclave import attestation, devpki, nsm, verify
+from enclave import attestation, devpki, nsm
+from enclave.nitro import verifier as verify
 from enclave.config import Settings
 from enclave.identity import SigningIdentity
 from tests.fakes.fake_nsm import FakeNsm, dumps_indefinite

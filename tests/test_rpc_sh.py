@@ -19,7 +19,7 @@ import time
 import unittest
 from pathlib import Path
 
-from enclave import cmd_sign
+from enclave.host import sign as cmd_sign
 from enclave.config import LOCAL_DEFAULT_RPC_SECRET
 from enclave.rpcauth import AuthError, RpcAuthenticator
 from tests.support import remember_secret, scan_later

@@ -14,7 +14,8 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from enclave import cli, cmd_send_secrets
+from enclave import cli
+from enclave.host import send_secrets as cmd_send_secrets
 from enclave.addresses import parse_address
 from enclave.config import Settings
 from enclave.metrics import Metrics

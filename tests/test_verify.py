@@ -14,8 +14,12 @@ from unittest import mock
 
 import cbor2
 
-from enclave import attestation, cmd_verify, cose, devpki, identity, verify
-from enclave.verify import AT_DOCUMENT_TIME, VerificationError, verify_document
+from enclave import attestation, devpki, identity
+from enclave.host import verify as cmd_verify
+from enclave.nitro import claims as nitro_claims
+from enclave.nitro import cose
+from enclave.nitro import verifier as verify
+from enclave.nitro.verifier import AT_DOCUMENT_TIME, VerificationError, verify_document
 from tests.fakes.fake_nsm import FakeNsm, dumps_indefinite
 from tests.support import keep_off_console
 
@@ -151,12 +155,18 @@ class TestRealDocuments(unittest.TestCase):
         self.assertEqual(ctx.exception.step, 3)
 
     def test_cache_never_bypasses_time_or_chain_checks(self):
-        verify_document(load(PROD), roots=aws_roots(), at_ms=AT_DOCUMENT_TIME)  # now cached
+        verifier = verify.Verifier.production()
+        self.assertEqual(verifier.trusted_roots, tuple(aws_roots()))
+        verifier.verify(load(PROD), at_ms=AT_DOCUMENT_TIME)  # now cached
         with self.assertRaises(VerificationError) as ctx:
-            verify_document(load(PROD), roots=aws_roots(), at_ms=POSITIVES[PROD] + 4 * HOUR_MS)
+            verifier.verify(load(PROD), at_ms=POSITIVES[PROD] + 4 * HOUR_MS)
         self.assertEqual(ctx.exception.step, 4)
-        verify.clear_caches()
-        verify_document(load(PROD), roots=aws_roots(), at_ms=AT_DOCUMENT_TIME)
+        verifier.verify(load(PROD), at_ms=AT_DOCUMENT_TIME)
+        # The cache belongs to the verifier: one with other roots never trusts the chain.
+        with tempfile.TemporaryDirectory() as tmp, self.assertRaises(VerificationError) as ctx:
+            other_root = devpki.load_or_create_root(tmp).cert_der
+            verify.Verifier([other_root]).verify(load(PROD), at_ms=AT_DOCUMENT_TIME)
+        self.assertEqual(ctx.exception.step, 3)
 
     def test_unexpected_errors_fail_closed(self):
         with self.assertRaises(VerificationError) as ctx:
@@ -388,14 +398,14 @@ class TestEvidenceAndResponse(DevShimCase):
                               expected_nonce=nonce, evidence=evidence, max_age_ms=60_000)
         self.assertEqual(doc.nonce_bound_by, "document")
         self.assertEqual(doc.user_data, b"hello")
-        self.assertEqual(doc.evidence["intent"], identity.INTENT_CHALLENGE)
+        self.assertEqual(doc.evidence["intent"], nitro_claims.INTENT_CHALLENGE)
 
     def test_evidence_binds_the_nonce_of_a_static_document(self):
         # A document minted without the nonce (as a static source serves) + evidence.
         document = self.source.document()
         nonce = os.urandom(16)
         evidence = self.identity.sign_claims({
-            "intent": identity.INTENT_CHALLENGE, "nonce": nonce,
+            "intent": nitro_claims.INTENT_CHALLENGE, "nonce": nonce,
             "document_sha384": hashlib.sha384(document).digest(), "timestamp_ms": 1})
         doc = verify_document(document, roots=[self.root.cert_der], at_ms=AT_DOCUMENT_TIME,
                               expected_nonce=nonce, evidence=evidence)
@@ -415,7 +425,7 @@ class TestEvidenceAndResponse(DevShimCase):
         stranger = identity.SigningIdentity.generate()
 
         def claims(**kw):
-            base = {"intent": identity.INTENT_CHALLENGE, "nonce": nonce,
+            base = {"intent": nitro_claims.INTENT_CHALLENGE, "nonce": nonce,
                     "document_sha384": hashlib.sha384(document).digest(), "timestamp_ms": now_ms}
             return {**base, **kw}
 
@@ -424,7 +434,7 @@ class TestEvidenceAndResponse(DevShimCase):
             "signed by another key": stranger.sign_claims(claims()),
             "for another document": self.identity.sign_claims(
                 claims(document_sha384=hashlib.sha384(other_document).digest())),
-            "wrong intent": self.identity.sign_claims(claims(intent=identity.INTENT_WATERMARK)),
+            "wrong intent": self.identity.sign_claims(claims(intent=nitro_claims.INTENT_WATERMARK)),
             "stale": self.identity.sign_claims(claims(timestamp_ms=now_ms - 10 * 60_000)),
             "garbage": b"\x84\x40\xa0\x40\x40",
         }
@@ -455,19 +465,19 @@ class TestEvidenceAndResponse(DevShimCase):
         request_body = b'{"text": "hello"}'
         result = {"watermarked": "h\u00e9llo", "score": 0.5, "ids": [3, 1]}
         signature = self.identity.sign_claims({
-            "intent": identity.INTENT_WATERMARK, "timestamp_ms": 1,
+            "intent": nitro_claims.INTENT_WATERMARK, "timestamp_ms": 1,
             "request_sha256": hashlib.sha256(request_body).digest(),
-            "response_sha256": hashlib.sha256(identity.canonical_json(result)).digest()})
+            "response_sha256": hashlib.sha256(nitro_claims.canonical_json(result)).digest()})
         claims = verify.verify_response(doc, json.loads(json.dumps(result)), signature,
                                         request_body=request_body)
-        self.assertEqual(claims["intent"], identity.INTENT_WATERMARK)
+        self.assertEqual(claims["intent"], nitro_claims.INTENT_WATERMARK)
         cases = {
             "tampered result": ({**result, "score": 0.6}, signature, request_body),
             "other request": (result, signature, b"{}"),
             "other signer": (result, identity.SigningIdentity.generate().sign_claims(
-                {"intent": identity.INTENT_WATERMARK}), None),
+                {"intent": nitro_claims.INTENT_WATERMARK}), None),
             "challenge intent": (result, self.identity.sign_claims(
-                {"intent": identity.INTENT_CHALLENGE}), None),
+                {"intent": nitro_claims.INTENT_CHALLENGE}), None),
         }
         for name, (res, sig, body) in cases.items():
             with self.subTest(name):
@@ -580,7 +590,7 @@ class TestCmdVerify(DevShimCase):
                                         self.state_dir, "--nonce", nonce.hex(), "--max-age", "60")
         self.assertEqual(code, 0, summary)
         self.assertTrue(summary["insecure"])
-        self.assertEqual(summary["evidence"]["intent"], identity.INTENT_CHALLENGE)
+        self.assertEqual(summary["evidence"]["intent"], nitro_claims.INTENT_CHALLENGE)
         self.assertEqual(summary["nonce"], nonce.hex())
         code, summary, _ = self.run_cli(answer, "--allow-insecure-dev", "--root",
                                         self.write("dev.pem", self.root.cert_pem))
@@ -600,9 +610,9 @@ class TestCmdVerify(DevShimCase):
         request_body = b'{"text":"hi"}'
         result = {"mark": "ok", "n": [1, 2]}
         signature = self.identity.sign_claims({
-            "intent": identity.INTENT_WATERMARK, "timestamp_ms": 5,
+            "intent": nitro_claims.INTENT_WATERMARK, "timestamp_ms": 5,
             "request_sha256": hashlib.sha256(request_body).digest(),
-            "response_sha256": hashlib.sha256(identity.canonical_json(result)).digest()})
+            "response_sha256": hashlib.sha256(nitro_claims.canonical_json(result)).digest()})
         response = self.write("response.json", json.dumps(
             {"result": result, "signature": base64.b64encode(signature).decode()}))
         request = self.write("request.json", request_body)

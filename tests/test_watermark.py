@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from enclave.identity import INTENT_WATERMARK, canonical_json, sha256, verify_claims
+from enclave.nitro.claims import INTENT_WATERMARK, canonical_json, sha256, verify_claims
 from tests.fakes.pki import TestCA
 from tests.stack import LocalStack
 from tests.support import scan_later

@@ -17,7 +17,8 @@ import time
 
 import cbor2
 
-from enclave import cose, devpki, nsm
+from enclave import attestation, devpki, nsm
+from enclave.nitro import cose
 
 MESSAGE = struct.Struct("=QQQQ")
 MODES = ("ok", "indefinite", "error", "oversized", "errno", "garbage")
@@ -64,7 +65,7 @@ class FakeNsm:
     def cleanup(self) -> None:
         os.unlink(self.device_path)
 
-    def open(self, path: str = nsm.NSM_DEVICE) -> nsm.NsmDevice:
+    def open(self, path: str = attestation.NSM_DEVICE) -> nsm.NsmDevice:
         """Stands in for NsmDevice(path): the same class, on a plain file, with this ioctl."""
         return nsm.NsmDevice(self.device_path, ioctl=self.ioctl)
 

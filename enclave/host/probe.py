@@ -40,12 +40,9 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from cryptography import x509
-
-from . import verify
-from .cmd_sign import resolve_secret
-from .cmd_verify import DEFAULT_STATE_DIR, UsageError, dev_roots, parse_pcrs, read_roots
-from .rpcauth import new_nonce, sign_request
+from .. import nitro
+from ..rpcauth import new_nonce, sign_request
+from .args import UsageError, is_insecure_root, parse_pcrs, resolve_secret, trusted_roots
 
 HELP = "fail-closed start-up probe of a running runtime"
 
@@ -125,13 +122,9 @@ def _b64_field(obj: dict, name: str, what: str) -> bytes:
     value = obj.get(name)
     _expect(isinstance(value, str) and value != "", f"{what}: {name} must be a base64 string")
     try:
-        return verify.decode_b64(value)
+        return nitro.decode_b64(value)
     except ValueError:
         raise CheckFailed(f"{what}: {name} is not base64") from None
-
-
-def _insecure_root(der: bytes) -> bool:
-    return "INSECURE" in x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
 # -- the probe ----------------------------------------------------------------------------
@@ -156,7 +149,7 @@ class Probe:
         self.timeout = timeout
         self.secret = secret
         self.strict = strict
-        self.roots = roots
+        self.verifier = nitro.Verifier(roots)
         self.dev_root_note = dev_root_note
         self.expected_pcrs = expected_pcrs
         self.clock = clock
@@ -313,20 +306,20 @@ class Probe:
         body["_public_key"] = _b64_field(body, "public_key", "document")
         return body
 
-    def _verify(self, document: bytes, **kwargs) -> tuple[verify.VerifiedDocument, bool]:
+    def _verify(self, document: bytes, **kwargs) -> tuple[nitro.VerifiedDocument, bool]:
         """The verified document and whether it chains to a root other than AWS's."""
         try:
-            verified = verify.verify_document(
-                document, roots=self.roots, at_ms=int(self.clock() * 1000), allow_debug=False,
+            verified = self.verifier.verify(
+                document, at_ms=int(self.clock() * 1000), allow_debug=False,
                 expected_pcrs=self.expected_pcrs or None, **kwargs)
-        except verify.VerificationError as exc:
+        except nitro.VerificationError as exc:
             hint = f" ({self.dev_root_note})" if exc.step == 3 and self.dev_root_note else ""
             raise CheckFailed(f"{exc}{hint}") from None
-        insecure = verified.root_der != verify.nitro_root_der()
+        insecure = verified.root_der != nitro.nitro_root_der()
         if self.strict:
             _expect(not verified.module_id.startswith("dev-shim"),
                     f"--require-attestation: module_id {verified.module_id!r} is a dev-shim")
-            _expect(not _insecure_root(verified.root_der),
+            _expect(not is_insecure_root(verified.root_der),
                     "--require-attestation: the document chains to an INSECURE root")
         return verified, insecure
 
@@ -435,27 +428,9 @@ def build(args, environ=None) -> Probe:
     environ = os.environ if environ is None else environ
     if not 0 < args.timeout <= MAX_TIMEOUT_S:
         raise UsageError(f"--timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds")
-    strict, allow_insecure = args.require_attestation, args.allow_insecure_dev
-    if strict and allow_insecure:
-        raise UsageError("--require-attestation and --allow-insecure-dev contradict each other")
-    hint = ("it cannot be trusted with --require-attestation" if strict
-            else "add --allow-insecure-dev (development only)")
-    roots = [verify.nitro_root_der()] + read_roots(args.root, allow_insecure, hint)
-    if strict:
-        note = "--require-attestation trusts only the AWS Nitro root and --root"
-    elif not allow_insecure:
-        note = "dev-shim runtime? add --allow-insecure-dev"
-    else:
-        note = "trusted: the AWS Nitro root, --root and the INSECURE dev root"
-        state_dir = args.state_dir or environ.get("ENCLAVE_STATE_DIR")
-        try:
-            roots += dev_roots(state_dir or DEFAULT_STATE_DIR)
-        except UsageError:
-            # The default location may lack a dev root when --root names the roots to trust;
-            # an explicit --state-dir, or no --root at all, must hold one.
-            if state_dir or not args.root:
-                raise
-            note = "trusted: the AWS Nitro root and --root (no dev root found)"
+    strict = args.require_attestation
+    roots, note = trusted_roots(args.root, allow_insecure_dev=args.allow_insecure_dev,
+                                state_dir=args.state_dir, environ=environ, strict=strict)
     return Probe(args.base_url, timeout=args.timeout, secret=resolve_secret(args, environ),
                  strict=strict, roots=roots, dev_root_note=note,
                  expected_pcrs=parse_pcrs(args.pcr))
@@ -467,7 +442,7 @@ def run(args) -> int:
     except UsageError as exc:
         print(f"probe: {exc}", file=sys.stderr)
         return 2
-    except verify.TrustAnchorError as exc:
+    except nitro.TrustAnchorError as exc:
         print(f"probe: {exc}", file=sys.stderr)
         return 2
     ok = probe.run()

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from .errors import EnclaveError
+from ..errors import EnclaveError
 
 COSE_SIGN1_TAG = 18
 HEADER_ALG = 1  # COSE header label "alg"

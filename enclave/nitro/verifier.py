@@ -6,20 +6,20 @@ is a pinned root; (4) chain signatures, basicConstraints, keyUsage, validity; (5
 over ["Signature1", protected, b"", payload] with the original protected bytes; (6) PCRs and the
 debug-enclave rule; (7) nonce and maximum age; (8) evidence and response signatures under the
 document's public_key. Verification does no I/O and never reads the clock: the caller passes
-the time in. The bundled AWS root is read once from package data (works from a zipapp).
+the time in. A `Verifier` holds its trusted roots and caches what is a pure function of exact
+DER bytes (parsed certificates, verified links and chains); `Verifier.production()` trusts the
+bundled AWS Nitro root, read once from package data (works from a zipapp).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import functools
 import hashlib
 import hmac
 import importlib.resources
 import logging
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -28,8 +28,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import cose, identity
-from .errors import EnclaveError
+from ..errors import EnclaveError
+from . import claims as signed_claims
+from . import cose
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ CHAIN_CACHE_MAX_ENTRIES = 64  # whole verified chains; keys <= 9 KiB each: under
 DOCUMENT_FIELDS = ("module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle",
                    "public_key", "user_data", "nonce")
 REQUIRED_FIELDS = DOCUMENT_FIELDS[:6]
-_B64 = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
 
 
 class VerificationError(EnclaveError):
@@ -201,23 +201,20 @@ class _Cert:
     unknown_critical: tuple
 
 
-_certs = _Lru(CERT_CACHE_MAX_ENTRIES)
-_links = _Lru(CERT_CACHE_MAX_ENTRIES)
-_chains = _Lru(CHAIN_CACHE_MAX_ENTRIES)
+class _Caches:
+    """Parsed certificates, verified links and chains: pure functions of exact DER bytes."""
 
-
-def clear_caches() -> None:
-    """Forget parsed certificates and verified links (tests and benchmarks)."""
-    _certs.clear()
-    _links.clear()
-    _chains.clear()
+    def __init__(self):
+        self.certs = _Lru(CERT_CACHE_MAX_ENTRIES)
+        self.links = _Lru(CERT_CACHE_MAX_ENTRIES)
+        self.chains = _Lru(CHAIN_CACHE_MAX_ENTRIES)
 
 
 _KNOWN_CRITICAL = {x509.BasicConstraints.oid, x509.KeyUsage.oid}
 
 
-def _parse_cert(der: bytes, what: str) -> _Cert:
-    cached = _certs.get(der)
+def _parse_cert(cache: _Caches, der: bytes, what: str) -> _Cert:
+    cached = cache.certs.get(der)
     if cached is not None:
         return cached
     try:
@@ -246,15 +243,15 @@ def _parse_cert(der: bytes, what: str) -> _Cert:
         digital_signature=None if ku is None else ku.digital_signature,
         unknown_critical=tuple(unknown),
     )
-    _certs.put(der, parsed)
+    cache.certs.put(der, parsed)
     return parsed
 
 
-def _check_link(issuer_der: bytes, subject_der: bytes, issuer: _Cert, subject: _Cert,
+def _check_link(cache: _Caches, issuer_der: bytes, subject_der: bytes, issuer: _Cert, subject: _Cert,
                 what: str) -> None:
     """`subject` is signed by `issuer`: a pure function of the two DER blobs, so it is cached."""
     key = (issuer_der, subject_der)
-    if _links.get(key):
+    if cache.links.get(key):
         return
     try:
         subject.cert.verify_directly_issued_by(issuer.cert)
@@ -263,7 +260,7 @@ def _check_link(issuer_der: bytes, subject_der: bytes, issuer: _Cert, subject: _
     except Exception:  # InvalidSignature
         raise VerificationError(4, f"{what}: signature by {issuer.subject} "
                                    "does not verify") from None
-    _links.put(key, True)
+    cache.links.put(key, True)
 
 
 @dataclass(frozen=True)
@@ -276,13 +273,13 @@ class _Chain:
     leaf_key: object
 
 
-def _check_chain(chain_der: tuple) -> _Chain:
+def _check_chain(cache: _Caches, chain_der: tuple) -> _Chain:
     """Everything in step 4 except validity times: a pure function of the DER bytes, cached."""
-    cached = _chains.get(chain_der)
+    cached = cache.chains.get(chain_der)
     if cached is not None:
         return cached
     names = [f"cabundle[{i}]" for i in range(len(chain_der) - 1)] + ["certificate"]
-    chain = [_parse_cert(der, what) for der, what in zip(chain_der, names)]
+    chain = [_parse_cert(cache, der, what) for der, what in zip(chain_der, names)]
     last = len(chain) - 1
     for i, (cert, what) in enumerate(zip(chain, names)):
         if cert.unknown_critical:
@@ -304,10 +301,10 @@ def _check_chain(chain_der: tuple) -> _Chain:
             if cert.digital_signature is not True:
                 raise VerificationError(4, "certificate must have keyUsage digitalSignature")
         if i:
-            _check_link(chain_der[i - 1], chain_der[i], chain[i - 1], cert, what)
+            _check_link(cache, chain_der[i - 1], chain_der[i], chain[i - 1], cert, what)
     result = _Chain(tuple(zip(names, chain)), max(c.not_before_ms for c in chain),
                     min(c.not_after_ms for c in chain), chain[-1].cert.public_key())
-    _chains.put(chain_der, result)
+    cache.chains.put(chain_der, result)
     return result
 
 
@@ -337,34 +334,54 @@ class _Step:
     current = 0
 
 
-def verify_document(data: bytes, *, roots: list[bytes], at_ms, allow_debug: bool = False,
-                    expected_pcrs: dict[int, bytes] | None = None,
-                    expected_nonce: bytes | None = None, max_age_ms: int | None = None,
-                    evidence: bytes | None = None) -> VerifiedDocument:
-    """Verify a Nitro attestation document; return it verified or raise VerificationError.
+class Verifier:
+    """Verifies Nitro attestation documents against the root certificates it was given.
 
-    roots: pinned root certificates (DER); cabundle[0] must equal one of them exactly.
-    at_ms: the verification time in Unix milliseconds (required; certificates must be valid
-        then), or AT_DOCUMENT_TIME to use the document's own timestamp (old test vectors).
-    allow_debug: accept debug enclaves (PCR0 all zero).
-    expected_pcrs: {index: bytes} that must match exactly.
-    expected_nonce: the nonce must be in the document, or (with `evidence`) in the evidence.
-    max_age_ms: reject documents (and evidence) older than this at `at_ms`.
-    evidence: a challenge evidence COSE_Sign1 to check under the document's public_key.
+    `Verifier.production()` trusts only the bundled AWS Nitro Enclaves Root-G1. A verifier is
+    safe to share between threads; reuse one to benefit from its certificate caches.
     """
-    step = _Step()
-    try:
-        return _verify(step, data, roots, at_ms, allow_debug, expected_pcrs, expected_nonce,
-                       max_age_ms, evidence)
-    except VerificationError:
-        raise
-    except Exception as exc:  # never fail open: anything unexpected is a rejection
-        logger.debug("unexpected error in verification step %d", step.current, exc_info=True)
-        raise VerificationError(max(step.current, 1),
-                                f"unexpected {type(exc).__name__}: {exc}") from None
+
+    def __init__(self, trusted_roots):
+        """trusted_roots: root certificates (DER); a document's cabundle[0] must equal one."""
+        self.trusted_roots = tuple(bytes(r) for r in trusted_roots)
+        self._cache = _Caches()
+
+    @classmethod
+    def production(cls) -> "Verifier":
+        return cls([nitro_root_der()])
+
+    def verify(self, data: bytes, *, at_ms, allow_debug: bool = False,
+               expected_pcrs: dict[int, bytes] | None = None,
+               expected_nonce: bytes | None = None, max_age_ms: int | None = None,
+               evidence: bytes | None = None) -> VerifiedDocument:
+        """Verify a Nitro attestation document; return it verified or raise VerificationError.
+
+        at_ms: the verification time in Unix milliseconds (required; certificates must be valid
+            then), or AT_DOCUMENT_TIME to use the document's own timestamp (old test vectors).
+        allow_debug: accept debug enclaves (PCR0 all zero).
+        expected_pcrs: {index: bytes} that must match exactly.
+        expected_nonce: the nonce must be in the document, or (with `evidence`) in the evidence.
+        max_age_ms: reject documents (and evidence) older than this at `at_ms`.
+        evidence: a challenge evidence COSE_Sign1 to check under the document's public_key.
+        """
+        step = _Step()
+        try:
+            return _verify(step, self._cache, data, self.trusted_roots, at_ms, allow_debug,
+                           expected_pcrs, expected_nonce, max_age_ms, evidence)
+        except VerificationError:
+            raise
+        except Exception as exc:  # never fail open: anything unexpected is a rejection
+            logger.debug("unexpected error in verification step %d", step.current, exc_info=True)
+            raise VerificationError(max(step.current, 1),
+                                    f"unexpected {type(exc).__name__}: {exc}") from None
 
 
-def _verify(step, data, roots, at_ms, allow_debug, expected_pcrs, expected_nonce, max_age_ms,
+def verify_document(data: bytes, *, roots: list[bytes], at_ms, **options) -> VerifiedDocument:
+    """One-shot `Verifier(roots).verify(data, at_ms=at_ms, **options)` (no cache kept)."""
+    return Verifier(roots).verify(data, at_ms=at_ms, **options)
+
+
+def _verify(step, cache, data, roots, at_ms, allow_debug, expected_pcrs, expected_nonce, max_age_ms,
             evidence) -> VerifiedDocument:
     # (1) COSE_Sign1 structure, tagged or untagged.
     step.current = 1
@@ -413,7 +430,7 @@ def _verify(step, data, roots, at_ms, allow_debug, expected_pcrs, expected_nonce
 
     # (4) Chain root -> ... -> certificate: signatures, basicConstraints, keyUsage, validity.
     step.current = 4
-    chain = _check_chain(tuple(cabundle) + (fields["certificate"],))
+    chain = _check_chain(cache, tuple(cabundle) + (fields["certificate"],))
     for when, label in ((at, "verification time"), (timestamp_ms, "document timestamp")):
         if not chain.not_before_ms <= when <= chain.not_after_ms:
             _explain_validity(chain, when, label)
@@ -541,8 +558,8 @@ def _check_evidence(evidence: bytes, public_key: bytes | None, document: bytes,
     if public_key is None:
         raise VerificationError(8, "the document has no public_key to check the evidence with")
     try:
-        claims = identity.verify_claims(evidence, public_key, identity.INTENT_CHALLENGE)
-    except identity.ClaimsError as exc:
+        claims = signed_claims.verify_claims(evidence, public_key, signed_claims.INTENT_CHALLENGE)
+    except signed_claims.ClaimsError as exc:
         raise VerificationError(8, f"evidence: {exc}") from None
     nonce, digest = claims.get("nonce"), claims.get("document_sha384")
     ts = claims.get("timestamp_ms")
@@ -570,13 +587,13 @@ def verify_response(verified: VerifiedDocument, result, signature: bytes, *,
         if verified.public_key is None:
             raise VerificationError(8, "the document has no public_key to check the response with")
         try:
-            claims = identity.verify_claims(signature, verified.public_key,
-                                            identity.INTENT_WATERMARK)
-        except identity.ClaimsError as exc:
+            claims = signed_claims.verify_claims(signature, verified.public_key,
+                                            signed_claims.INTENT_WATERMARK)
+        except signed_claims.ClaimsError as exc:
             raise VerificationError(8, f"response signature: {exc}") from None
-        checks = [("response_sha256", identity.sha256(identity.canonical_json(result)))]
+        checks = [("response_sha256", signed_claims.sha256(signed_claims.canonical_json(result)))]
         if request_body is not None:
-            checks.append(("request_sha256", identity.sha256(request_body)))
+            checks.append(("request_sha256", signed_claims.sha256(request_body)))
         for name, want in checks:
             got = claims.get(name)
             if not isinstance(got, bytes) or not hmac.compare_digest(got, want):
@@ -588,16 +605,3 @@ def verify_response(verified: VerifiedDocument, result, signature: bytes, *,
         raise
     except Exception as exc:
         raise VerificationError(8, f"unexpected {type(exc).__name__}: {exc}") from None
-
-
-def decode_b64(text: str) -> bytes:
-    """Standard or URL-safe base64, whitespace ignored (ValueError otherwise)."""
-    compact = "".join(text.split())
-    if not _B64.fullmatch(compact):
-        raise ValueError("not base64")
-    if "-" in compact or "_" in compact:
-        compact = compact.replace("-", "+").replace("_", "/")
-    try:
-        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64") from None

@@ -12,8 +12,8 @@ import re
 import sys
 import time
 
-from .config import LOCAL_DEFAULT_RPC_SECRET
-from .rpcauth import NONCE_RE, new_nonce, sign_request
+from ..rpcauth import NONCE_RE, new_nonce, sign_request
+from .args import resolve_secret
 
 HELP = "print the X-Enclave-* headers that sign one host RPC request"
 MAX_BODY_BYTES = 1024 * 1024  # the largest RPC body the server accepts (watermark)
@@ -31,17 +31,6 @@ def add_arguments(parser) -> None:
                                          "or the local default when ALFRED_ENV is local)")
     parser.add_argument("--timestamp", type=int, help="unix seconds (default: now)")
     parser.add_argument("--nonce", help="nonce (default: 128 random bits, base64url)")
-
-
-def resolve_secret(args, environ) -> str | None:
-    """--secret, else ENCLAVE_RPC_SHARED_SECRET, else the local default (local only)."""
-    if args.secret:
-        return args.secret
-    if environ.get("ENCLAVE_RPC_SHARED_SECRET"):
-        return environ["ENCLAVE_RPC_SHARED_SECRET"]
-    if environ.get("ALFRED_ENV", "") in ("", "local"):
-        return LOCAL_DEFAULT_RPC_SECRET
-    return None
 
 
 def _body(path: str | None) -> bytes:

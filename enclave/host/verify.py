@@ -7,25 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 
-from cryptography import x509
-
-from . import attestation, devpki, identity, verify
+from .. import nitro
+from .args import UsageError, parse_pcrs, read_bounded, trusted_roots
 
 HELP = "verify an attestation document offline and print a JSON summary"
 MAX_INPUT_BYTES = 1024 * 1024  # a document is < 16 KiB; a watermark answer may approach 1 MiB
-MAX_ROOT_PEM_BYTES = 64 * 1024
-DEFAULT_STATE_DIR = ".local"
-_PCR = re.compile(r"(\d{1,2})=([0-9a-fA-F]+)")
 _HEX = re.compile(r"[0-9a-fA-F]*")
-
-
-class UsageError(Exception):
-    """Bad arguments or unreadable files: exit 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,64 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --response: the raw request body that was sent")
 
 
-def _read(path: str, limit: int = MAX_INPUT_BYTES) -> bytes:
-    try:
-        if path == "-":
-            data = sys.stdin.buffer.read(limit + 1)
-        else:
-            with open(path, "rb") as fh:
-                data = fh.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise UsageError(f"{path} is larger than {limit} bytes")
-    return data
-
-
-def read_roots(paths: list[str], allow_insecure: bool, hint: str) -> list[bytes]:
-    """Root certificates from --root PEM files; an INSECURE dev root only when allowed."""
-    roots = []
-    for path in paths:
-        try:
-            certs = verify.pem_to_der_certs(_read(path, MAX_ROOT_PEM_BYTES))
-        except ValueError:
-            raise UsageError(f"--root {path}: no PEM certificate in it") from None
-        for der in certs:
-            subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
-            if "INSECURE" in subject and not allow_insecure:
-                raise UsageError(f"--root {path} is an INSECURE dev root: {hint}")
-            roots.append(der)
-    return roots
-
-
-def dev_roots(state_dir: str | None) -> list[bytes]:
-    """The INSECURE dev-shim root kept under the state directory."""
-    state_dir = state_dir or os.environ.get("ENCLAVE_STATE_DIR") or DEFAULT_STATE_DIR
-    try:
-        return verify.pem_to_der_certs(devpki.read_root_pem(state_dir))
-    except devpki.DevPkiError as exc:
-        raise UsageError(str(exc)) from None
-    except ValueError:
-        raise UsageError(f"the dev root in {devpki.dev_dir(state_dir)} is not a PEM "
-                         "certificate") from None
-
-
-def _roots(args) -> list[bytes]:
-    roots = [verify.nitro_root_der()]
-    roots += read_roots(args.root, args.allow_insecure_dev, "add --allow-insecure-dev")
-    if args.allow_insecure_dev and not args.root:
-        roots += dev_roots(args.state_dir)
-    return roots
-
-
-def parse_pcrs(values: list[str]) -> dict[int, bytes]:
-    out = {}
-    for value in values:
-        match = _PCR.fullmatch(value)
-        if not match or int(match[1]) >= verify.MAX_PCRS or len(match[2]) % 2:
-            raise UsageError(f"--pcr {value!r}: expected N=HEX with N in 0..{verify.MAX_PCRS - 1}")
-        out[int(match[1])] = bytes.fromhex(match[2])
-    return out
+def _read(path: str) -> bytes:
+    return read_bounded(path, MAX_INPUT_BYTES)
 
 
 def _hex_arg(name: str, value: str | None) -> bytes | None:
@@ -138,14 +73,14 @@ def _parse_input(data: bytes):
     if text.startswith(b"{"):
         try:
             answer = json.loads(text)
-            document = verify.decode_b64(answer["document"])
+            document = nitro.decode_b64(answer["document"])
             evidence = answer.get("evidence")
-            return document, (verify.decode_b64(evidence) if isinstance(evidence, str) else None)
+            return document, (nitro.decode_b64(evidence) if isinstance(evidence, str) else None)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UsageError("INPUT is JSON but not a document/challenge answer with a base64 "
                              "\"document\"") from None
     try:
-        return attestation.read_document_bytes(data), None
+        return nitro.read_document_bytes(data), None
     except ValueError:
         return bytes(data), None
 
@@ -153,7 +88,7 @@ def _parse_input(data: bytes):
 def _response(path: str):
     try:
         answer = json.loads(_read(path))
-        return answer["result"], verify.decode_b64(answer["signature"])
+        return answer["result"], nitro.decode_b64(answer["signature"])
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UsageError(f"--response {path}: expected JSON {{\"result\", \"signature\": "
                          "base64}") from None
@@ -166,7 +101,8 @@ def _emit(obj: dict) -> None:
 
 def run(args) -> int:
     try:
-        roots = _roots(args)
+        roots, _ = trusted_roots(args.root, allow_insecure_dev=args.allow_insecure_dev,
+                                 state_dir=args.state_dir)
         expected_pcrs = parse_pcrs(args.pcr)
         nonce = _hex_arg("--nonce", args.nonce)
         document, json_evidence = _parse_input(_read(args.input))
@@ -175,7 +111,7 @@ def run(args) -> int:
             if nonce is None:
                 raise UsageError("--evidence needs --nonce")
             try:
-                evidence = verify.decode_b64(args.evidence)
+                evidence = nitro.decode_b64(args.evidence)
             except ValueError:
                 raise UsageError("--evidence: not base64") from None
         elif nonce is None:
@@ -183,7 +119,7 @@ def run(args) -> int:
         if args.at_document_time:
             if args.max_age is not None:
                 raise UsageError("--max-age makes no sense with --at-document-time")
-            at_ms = verify.AT_DOCUMENT_TIME
+            at_ms = nitro.AT_DOCUMENT_TIME
         elif args.at is not None:
             if args.at < 0:
                 raise UsageError("--at must be Unix milliseconds (>= 0)")
@@ -202,27 +138,27 @@ def run(args) -> int:
     except UsageError as exc:
         sys.stderr.write(f"verify: {exc}\n")
         return 2
-    except verify.TrustAnchorError as exc:
+    except nitro.TrustAnchorError as exc:
         sys.stderr.write(f"verify: {exc}\n")
         return 2
 
     try:
-        verified = verify.verify_document(
-            document, roots=roots, at_ms=at_ms, allow_debug=args.allow_debug,
+        verified = nitro.Verifier(roots).verify(
+            document, at_ms=at_ms, allow_debug=args.allow_debug,
             expected_pcrs=expected_pcrs or None, expected_nonce=nonce, max_age_ms=max_age_ms,
             evidence=evidence)
         summary = {"verified": True, **verified.summary()}
-        summary["insecure"] = verified.root_der != verify.nitro_root_der()
+        summary["insecure"] = verified.root_der != nitro.nitro_root_der()
         if json_evidence is not None and evidence is None:
             summary["evidence"] = "present but not checked (give --nonce)"
         if response is not None:
-            claims = verify.verify_response(verified, response[0], response[1],
+            claims = nitro.verify_response(verified, response[0], response[1],
                                             request_body=request_body)
             summary["response"] = {
                 "intent": claims.get("intent"), "timestamp_ms": claims.get("timestamp_ms"),
                 "request_checked": request_body is not None,
-                "response_sha256": identity.sha256(identity.canonical_json(response[0])).hex()}
-    except verify.VerificationError as exc:
+                "response_sha256": nitro.claims.sha256(nitro.canonical_json(response[0])).hex()}
+    except nitro.VerificationError as exc:
         _emit({"verified": False, "step": exc.step, "step_name": exc.step_name,
                "error": exc.message})
         return 1

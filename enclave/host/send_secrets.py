@@ -12,8 +12,8 @@ import socket
 import sys
 import time
 
-from .addresses import VSOCK_CID_ANY, AddressError, parse_address
-from .secrets import MAX_DELIVERY_BYTES
+from ..addresses import VSOCK_CID_ANY, AddressError, parse_address
+from ..secrets import MAX_DELIVERY_BYTES
 
 HELP = "deliver a secrets JSON file to the secrets listener (exit 0 ok, 1 refused, 2 usage)"
 
