@@ -19,16 +19,15 @@ from .addresses import Address, AddressError, is_loopback_ip, parse_address
 from .egress import EgressError, parse_routes
 from .errors import EnclaveError
 from .rpcauth import LOCAL_DEFAULT_RPC_SECRET
+from .secrets import MIN_RPC_SECRET_BYTES, SEALING_KEY_BYTES
 
 ENVIRONMENTS = ("local", "test", "staging", "production")
 STRICT_ENVIRONMENTS = ("staging", "production")
 MODES = ("dev-shim", "remote", "disabled")
-MIN_RPC_SECRET_BYTES = 32  # production shared secret: at least 256 bits
 DEFAULT_SKEW_SECONDS = 30
 MIN_SKEW_SECONDS, MAX_SKEW_SECONDS = 1, 300
 DEFAULT_SECRETS_TIMEOUT_SECONDS = 5.0
 MAX_SECRETS_TIMEOUT_SECONDS = 600.0  # a start-up window longer than 10 min is a mistake
-SEALING_KEY_BYTES = 32  # AES-256
 GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 GOOGLE_REVOKE_URL = "https://oauth2.googleapis.com/revoke"
 DEFAULT_WATERMARK_PATH = "/v1/watermark"

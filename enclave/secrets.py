@@ -26,10 +26,11 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from .config import MIN_RPC_SECRET_BYTES, SEALING_KEY_BYTES
 from .errors import EnclaveError
 
 MAX_DELIVERY_BYTES = 256 * 1024  # one delivery; a certificate bundle is a few KiB
+MIN_RPC_SECRET_BYTES = 32  # a delivered or configured RPC shared secret: at least 256 bits
+SEALING_KEY_BYTES = 32  # the token sealing key is an AES-256 key
 
 MTLS_CLIENT_CERT_JSON = "MTLS_CLIENT_CERT_JSON"
 ECS_WATERMARK_ENDPOINT = "ECS_WATERMARK_ENDPOINT"

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from . import certstore, secrets, tls
-from .config import SEALING_KEY_BYTES
 from .metrics import Metrics
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
-                      Busy, InvalidCertificate, SecretsError, SecretsState, StorageFailed)
+                      SEALING_KEY_BYTES, Busy, InvalidCertificate, SecretsError, SecretsState, StorageFailed)
 
 log = logging.getLogger(__name__)
 
