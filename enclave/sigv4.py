@@ -21,19 +21,22 @@ from .errors import EnclaveError
 ALGORITHM = "AWS4-HMAC-SHA256"
 SCOPE_TERMINATOR = "aws4_request"
 AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"  # X-Amz-Date, always UTC
-SCOPE_DATE_FORMAT = "%Y%m%d"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Headers sign() sets itself; a caller passing one would sign a value it does not send.
 RESERVED_HEADERS = ("authorization", "x-amz-date", "x-amz-security-token")
 
-_METHOD = re.compile(r"[A-Z]{1,16}")
+MAX_METHOD_CHARS = 16  # longer than any HTTP method in use
+MAX_SCOPE_PART_CHARS = 64  # region and service names are far shorter (e.g. ap-southeast-4, kms)
+MAX_ACCESS_KEY_CHARS = 128  # IAM's documented maximum for an access key id
+
+_METHOD = re.compile(rf"[A-Z]{{1,{MAX_METHOD_CHARS}}}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 _BAD_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs except HTAB: no CR/LF folds
 _OWS_RUN = re.compile(r"[ \t]+")
 _BAD_URL_CHARS = re.compile(r"[\x00-\x1f\x7f#]")  # CTLs (no CR/LF smuggling) and a fragment
 _BAD_PATH_CHARS = re.compile(r"[\x00-\x1f\x7f?#]")
-_SCOPE_PART = re.compile(r"[a-z0-9-]{1,64}")  # region and service names
-_ACCESS_KEY = re.compile(r"[A-Za-z0-9]{1,128}")
+_SCOPE_PART = re.compile(rf"[a-z0-9-]{{1,{MAX_SCOPE_PART_CHARS}}}")
+_ACCESS_KEY = re.compile(rf"[A-Za-z0-9]{{1,{MAX_ACCESS_KEY_CHARS}}}")
 _SESSION_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it is sent as a header value
 _SCOPE_DATE = re.compile(r"[0-9]{8}")
 _AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
@@ -136,7 +139,7 @@ def _canonical_headers(pairs: list[tuple[str, str]]) -> tuple[str, str]:
 
 def _canonical_request(method, path, query, headers, payload_sha256) -> tuple[str, str]:
     if not isinstance(method, str) or not _METHOD.fullmatch(method):
-        raise SigV4Error(f"method must be 1-16 uppercase letters, got {method!r}")
+        raise SigV4Error(f"method must be 1-{MAX_METHOD_CHARS} uppercase letters, got {method!r}")
     if not isinstance(payload_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", payload_sha256):
         raise SigV4Error("payload hash must be 64 lowercase hex digits")
     block, signed = _canonical_headers(_header_pairs(headers))
@@ -156,7 +159,7 @@ def canonical_request(method: str, path: str, query: str, headers, payload_sha25
 
 def _scope_part(name: str, value: str) -> str:
     if not isinstance(value, str) or not _SCOPE_PART.fullmatch(value):
-        raise SigV4Error(f"{name} must be 1-64 of a-z 0-9 -, got {value!r}")
+        raise SigV4Error(f"{name} must be 1-{MAX_SCOPE_PART_CHARS} of a-z 0-9 -, got {value!r}")
     return value
 
 
@@ -226,7 +229,7 @@ def sign(method: str, url_or_path: str, headers, body: bytes, *, access_key: str
     `headers` is signed, so send exactly those (plus the returned ones) and the body given.
     """
     if not isinstance(access_key, str) or not _ACCESS_KEY.fullmatch(access_key):
-        raise SigV4Error("access key id must be 1-128 letters and digits")
+        raise SigV4Error(f"access key id must be 1-{MAX_ACCESS_KEY_CHARS} letters and digits")
     if session_token is not None and (not isinstance(session_token, str)
                                       or not _SESSION_TOKEN.fullmatch(session_token)):
         raise SigV4Error("session token must be non-empty visible ASCII")
