@@ -26,8 +26,9 @@ import cbor2
 from . import devpki
 from .config import ConfigError
 from .errors import ApiError, EnclaveError
-from .identity import INTENT_CHALLENGE, IdentityError, SigningIdentity
+from .identity import IdentityError, SigningIdentity
 from .nitro import cose, verifier
+from .nitro.claims import INTENT_CHALLENGE
 from .nitro.encoding import decode_b64, read_document_bytes
 from .server import JSON_TYPE
 

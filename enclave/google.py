@@ -3,14 +3,18 @@
 The raw refresh token never leaves the enclave: the host only ever holds it sealed
 (enclave.sealing). Codes, tokens, the client secret and sealed values are never logged.
 
-Error mapping (one place, `_upstream_error`):
+Errors are enclave.errors classes, each with its status and code (the server answers them):
     request validation            -> 400 invalid_request
     Google 400 {"error": CODE}    -> 400 CODE (invalid_grant, redirect_uri_mismatch, ...)
     Google 401 / invalid_client   -> 502 upstream_auth_failed
-    Google 5xx, other statuses    -> 502 upstream_error
-    TLS failure                   -> 502 upstream_tls_error
-    deadline (10 s)               -> 504 upstream_timeout
+    Google 5xx, other statuses    -> 502 upstream_error (+ upstream_status); the body of a
+                                     non-2xx answer is read leniently: unreadable = no code
+    200 not strict JSON, no token -> 502 upstream_invalid_response
+    refresh token over the sealing limit -> 502 upstream_invalid_response (see _seal_refresh)
+    unreachable / TLS / deadline  -> 502 upstream_unavailable / 502 upstream_tls_error /
+                                     504 upstream_timeout, raised by the outbound client
     no client credentials yet     -> 503 google_oauth_not_configured
+    no sealing key yet            -> 503 token_sealing_not_configured
 Nothing is retried at this level (an invalid_grant is final); the HTTP client only resends a
 request that a stale keep-alive connection never delivered.
 """
@@ -24,10 +28,11 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from . import sealing
-from .errors import ApiError
+from .errors import (GoogleOAuthNotConfigured, InvalidRequest, InvalidSealedToken,
+                     TokenSealingNotConfigured, UpstreamAuthFailed, UpstreamError,
+                     UpstreamInvalidResponse, UpstreamRejected)
 from .metrics import UPSTREAM_SECONDS
-from .outbound import (OutboundClient, OutboundError, Response, UpstreamTimeout,
-                       UpstreamTLSError)
+from .outbound import OutboundClient, Response
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +50,23 @@ def _field(data: dict, name: str, limit: int, required: bool = True) -> str | No
     value = data.get(name)
     if value is None:
         if required:
-            raise ApiError(400, "invalid_request", f"{name} is required")
+            raise InvalidRequest(f"{name} is required")
         return None
     if not isinstance(value, str) or not value:
-        raise ApiError(400, "invalid_request", f"{name} must be a non-empty string")
+        raise InvalidRequest(f"{name} must be a non-empty string")
     if len(value) > limit:
-        raise ApiError(400, "invalid_request", f"{name} must be at most {limit} characters")
+        raise InvalidRequest(f"{name} must be at most {limit} characters")
     if not _PRINTABLE_RE.fullmatch(value) or " " in value:
-        raise ApiError(400, "invalid_request",
-                       f"{name} must be printable ASCII without spaces")
+        raise InvalidRequest(
+            f"{name} must be printable ASCII without spaces")
     return value
 
 
 def _only(data: dict, allowed: tuple[str, ...]) -> None:
     extra = sorted(set(data) - set(allowed))
     if extra:
-        raise ApiError(400, "invalid_request",
-                       f"unexpected field {extra[0]!r}; allowed: {', '.join(allowed)}")
+        raise InvalidRequest(
+            f"unexpected field {extra[0]!r}; allowed: {', '.join(allowed)}")
 
 
 def _redirect_uri(data: dict) -> str:
@@ -70,8 +75,8 @@ def _redirect_uri(data: dict) -> str:
         return value
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ApiError(400, "invalid_request",
-                       "redirect_uri must be an http(s) URL with a host (or 'postmessage')")
+        raise InvalidRequest(
+            "redirect_uri must be an http(s) URL with a host (or 'postmessage')")
     return value
 
 
@@ -98,53 +103,52 @@ class GoogleOAuth:
     def _credentials(self) -> tuple[str, str]:
         creds = self._credentials_fn()
         if not creds or not creds[0] or not creds[1]:
-            raise ApiError(503, "google_oauth_not_configured",
-                           "Google OAuth client credentials have not been delivered yet")
+            raise GoogleOAuthNotConfigured(
+                "Google OAuth client credentials have not been delivered yet")
         return creds[0], creds[1]
 
     def _sealing_key(self) -> bytes:
         key = self._sealing_key_fn()
         if not key:
-            raise ApiError(503, "token_sealing_not_configured",
-                           "the token sealing key has not been delivered yet")
+            raise TokenSealingNotConfigured("the token sealing key has not been delivered yet")
         return key
 
     def _count(self, operation: str, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.inc(OUTCOME_METRIC, {"operation": operation, "outcome": outcome})
 
+    def _failed(self, operation: str, exc: UpstreamError) -> UpstreamError:
+        """Count and log an upstream failure (its code is the metric outcome); returns it."""
+        self._count(operation, exc.code)
+        log.warning("Google %s failed: %s: %s", operation, exc.code, exc.message)
+        return exc
+
     def _post(self, operation: str, upstream: str, url: str, form: dict) -> Response:
         started = time.monotonic()
         try:
             return self._client.post_form(url, form, timeout=self._timeout_s)
-        except UpstreamTimeout:
-            self._count(operation, "timeout")
-            log.warning("Google %s: no answer within the deadline", operation)
-            raise ApiError(504, "upstream_timeout", "Google did not answer in time") from None
-        except UpstreamTLSError as exc:
-            self._count(operation, "tls_error")
-            log.warning("Google %s: TLS failure: %s", operation, exc)
-            raise ApiError(502, "upstream_tls_error", "TLS to Google failed") from None
-        except OutboundError as exc:
-            self._count(operation, "unreachable")
-            log.warning("Google %s: request failed: %s", operation, exc)
-            raise ApiError(502, "upstream_error", "Google could not be reached") from None
+        except UpstreamError as exc:  # raised with its status and code by the outbound client
+            self._failed(operation, exc)
+            raise
         finally:
             if self._metrics is not None:
                 self._metrics.observe(UPSTREAM_SECONDS, time.monotonic() - started,
                                       {"upstream": upstream})
 
-    def _upstream_error(self, operation: str, response: Response) -> ApiError:
-        """Map a non-200 Google answer to the host's answer (the one mapping table)."""
+    def _upstream_error(self, operation: str, response: Response) -> UpstreamError:
+        """The error for a non-200 Google answer (the one mapping table, see the docstring).
+
+        The body is read leniently: an unreadable one (HTML from a proxy, or a hostile 100k-deep
+        JSON) only means there is no Google code, and the status decides.
+        """
         body = response.json()
         code = body.get("error") if isinstance(body, dict) else None
         code = code if isinstance(code, str) and _ERROR_CODE_RE.fullmatch(code) else None
         description = body.get("error_description") if isinstance(body, dict) else None
         log.warning("Google %s answered %d (%s)", operation, response.status, code or "no code")
         if response.status == 401 or code in ("invalid_client", "unauthorized_client"):
-            self._count(operation, "upstream_auth_failed")
-            return ApiError(502, "upstream_auth_failed",
-                            "Google refused the enclave's OAuth client credentials")
+            return self._failed(operation, UpstreamAuthFailed(
+                "Google refused the enclave's OAuth client credentials"))
         if response.status == 400 and code:
             self._count(operation, code)
             message = f"Google refused the request ({code})"
@@ -152,19 +156,20 @@ class GoogleOAuth:
                     and len(description) <= MAX_DESCRIPTION_CHARS
                     and _PRINTABLE_RE.fullmatch(description)):
                 message += f": {description}"
-            return ApiError(400, code, message)
-        self._count(operation, "upstream_error")
-        return ApiError(502, "upstream_error", f"Google answered HTTP {response.status}")
+            return UpstreamRejected(code, message)
+        return self._failed(operation, UpstreamError(
+            f"Google answered HTTP {response.status}", upstream_status=response.status))
 
     def _token_answer(self, operation: str, response: Response, client_id: str,
                       key: bytes | None) -> tuple[int, dict]:
         if response.status != 200:
             raise self._upstream_error(operation, response)
-        body = response.json()
-        if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
-            self._count(operation, "malformed_answer")
-            log.warning("Google %s: token answer without an access_token", operation)
-            raise ApiError(502, "upstream_error", "Google's token answer is malformed")
+        try:
+            body = response.json_strict("Google")
+            if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+                raise UpstreamInvalidResponse("Google's token answer has no access_token")
+        except UpstreamInvalidResponse as exc:
+            raise self._failed(operation, exc) from None
         answer = {"access_token": body["access_token"]}
         for name, kind in (("expires_in", int), ("token_type", str), ("scope", str),
                            ("id_token", str), ("refresh_token_expires_in", int)):
@@ -173,19 +178,48 @@ class GoogleOAuth:
                 answer[name] = value
         refresh_token = body.get("refresh_token")
         if isinstance(refresh_token, str) and refresh_token and key is not None:
-            answer["sealed_refresh_token"] = sealing.seal(key, refresh_token, client_id)
+            answer["sealed_refresh_token"] = self._seal_refresh(operation, key, refresh_token,
+                                                                client_id)
         self._count(operation, "ok")
         log.info("Google %s succeeded (refresh token sealed: %s)", operation,
                  "sealed_refresh_token" in answer)
         return 200, answer
 
+    def _seal_refresh(self, operation: str, key: bytes, refresh_token: str,
+                      client_id: str) -> str:
+        """Seal Google's refresh token, or fail loudly: never a 200 that silently drops it.
+
+        sealing.MAX_TOKEN_BYTES (4 KiB) is 8x the 512 bytes Google documents, so this should
+        never trigger. If it does, the grant cannot be kept (the single-use code is spent): the
+        answer is 502 upstream_invalid_response saying so, the log says it too (sizes only,
+        never the token), and the token is revoked at Google, best effort, so no grant is left
+        that nobody holds (Google would otherwise omit the refresh token on the next consent).
+        """
+        size = len(refresh_token.encode("utf-8"))
+        if size <= sealing.MAX_TOKEN_BYTES:
+            return sealing.seal(key, refresh_token, client_id)
+        log.error("Google %s: the refresh token is %d bytes, over the sealing limit of %d "
+                  "bytes; the grant cannot be kept and is revoked, the user must consent "
+                  "again", operation, size, sealing.MAX_TOKEN_BYTES)
+        try:
+            revoked = self._post("revoke", "google_revoke", self.revoke_url,
+                                 {"token": refresh_token}).status == 200
+        except UpstreamError:
+            revoked = False
+        log.warning("Google %s: revoking the oversized grant %s", operation,
+                    "succeeded" if revoked else "failed")
+        raise self._failed(operation, UpstreamInvalidResponse(
+            f"Google's refresh token is {size} bytes, over the sealing limit of "
+            f"{sealing.MAX_TOKEN_BYTES} bytes; the grant could not be kept (it was "
+            f"{'revoked' if revoked else 'not revoked'}): ask the user to consent again"))
+
     def _unseal(self, sealed: str, client_id: str) -> str:
         try:
             return sealing.unseal(self._sealing_key(), sealed, client_id)
         except sealing.SealingError:
-            raise ApiError(400, "invalid_sealed_token",
-                           "sealed_refresh_token does not unseal under this enclave's key and "
-                           "client (altered, or sealed elsewhere)") from None
+            raise InvalidSealedToken(
+                "sealed_refresh_token does not unseal under this enclave's key and client "
+                "(altered, or sealed elsewhere)") from None
 
     # -- handlers ----------------------------------------------------------------------------
     def exchange(self, req) -> tuple[int, dict]:
@@ -197,8 +231,8 @@ class GoogleOAuth:
         verifier = data.get("code_verifier")
         if verifier is not None and (not isinstance(verifier, str)
                                      or not _VERIFIER_RE.fullmatch(verifier)):
-            raise ApiError(400, "invalid_request",
-                           "code_verifier must be 43-128 characters of A-Z a-z 0-9 - . _ ~")
+            raise InvalidRequest(
+                "code_verifier must be 43-128 characters of A-Z a-z 0-9 - . _ ~")
         client_id, client_secret = self._credentials()
         # Checked before Google is called: a refresh token that cannot be sealed would be lost
         # together with the (single-use) code.
@@ -228,8 +262,8 @@ class GoogleOAuth:
         data = req.json()
         _only(data, ("sealed_refresh_token", "token"))
         if ("sealed_refresh_token" in data) == ("token" in data):
-            raise ApiError(400, "invalid_request",
-                           "give exactly one of sealed_refresh_token and token")
+            raise InvalidRequest(
+                "give exactly one of sealed_refresh_token and token")
         client_id, _ = self._credentials()
         if "token" in data:
             token = _field(data, "token", MAX_TOKEN_CHARS)

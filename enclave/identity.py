@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from .errors import EnclaveError
 from .nitro import cose
-from .nitro.claims import (INTENT_CHALLENGE, INTENT_WATERMARK, MAX_CLAIMS_BYTES,  # noqa: F401
-                           ClaimsError, canonical_json, sha256)
+from .nitro.claims import MAX_CLAIMS_BYTES, ClaimsError
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,10 @@
 - Keep-alive: idle connections are pooled per (host, port) and reused; bounded.
 - Deadline: one per request (10 s default) over connect, handshake, send and the whole answer.
   A deadline miss raises UpstreamTimeout (handlers answer 504).
+- Errors: every failure is one of enclave.errors' upstream ApiErrors (UpstreamTimeout 504,
+  UpstreamTLSError, UpstreamUnavailable, UpstreamInvalidResponse 502), raised here, so handlers
+  let them propagate and nothing maps them again. OutboundError is their root, UpstreamError.
+- JSON: `parse_json` is the one strict parser for upstream answers (see its docstring).
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
+import re
 import select
 import socket
 import ssl
 import threading
 import time
 from collections import deque
+from itertools import accumulate
 from typing import NamedTuple
 from urllib.parse import urlencode, urlsplit
 
 from .egress import Connector, EgressError
-from .errors import EnclaveError
+from .errors import (UpstreamError, UpstreamInvalidResponse, UpstreamTimeout, UpstreamTLSError,
+                     UpstreamUnavailable)
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +40,103 @@ DEFAULT_TIMEOUT_S = 10.0  # per request, all phases (DESIGN.md section 9)
 MAX_CONNECTIONS_PER_HOST = 32  # in use at once per (host, port); the server caps requests at 64
 MAX_IDLE_PER_HOST = 16  # idle keep-alive connections kept per (host, port)
 IDLE_TTL_S = 45.0  # drop idle connections before typical server keep-alive timeouts (60 s+)
-MAX_RESPONSE_BYTES = 1024 * 1024  # an OAuth answer is a few KiB
+MAX_RESPONSE_BYTES = 1024 * 1024  # an OAuth answer is a few KiB; a watermark result is small
 READ_CHUNK_BYTES = 64 * 1024
 USER_AGENT = "enclave-runtime"
+# Nesting levels allowed in an upstream JSON answer. Real answers nest 2-4 levels. The C parser
+# and encoder recurse once per level, and the server encodes the answer (one level deeper) with
+# its own frames already on the stack: 64 stays far below sys.getrecursionlimit() (1000).
+MAX_JSON_DEPTH = 64
+
+# Every failure is an upstream ApiError (enclave.errors); these names are kept for callers.
+OutboundError = UpstreamError
+__all__ = ["MAX_JSON_DEPTH", "MAX_RESPONSE_BYTES", "OutboundClient", "OutboundError",
+           "Response", "UpstreamInvalidResponse", "UpstreamTLSError", "UpstreamTimeout",
+           "UpstreamUnavailable", "create_outbound_context", "nesting_exceeds", "parse_json"]
+
+_STRING = re.compile(rb'"[^"]*"')  # once escapes are dropped, a string runs quote to quote
+_TO_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+_BRACKET_RUN = re.compile(rb"\[+|\]+")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF, paired or not
+_PASS_MIN_DROP = 16  # a pass must drop 1/16 of the brackets to be worth another one
 
 
-class OutboundError(EnclaveError):
-    """An outbound request failed before a complete HTTP answer arrived."""
+def nesting_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if the JSON text's brackets (outside strings) nest deeper than `limit`.
+
+    Linear, every step at C speed (bytes.translate/replace, re), never recursive. Exact for
+    valid JSON. For invalid JSON it is exact up to the first error, the only part the parser
+    reads, and may over-count after it: the parser run afterwards stays within `limit`.
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False  # the common case: too few brackets to nest that deep
+    if b"\\" in data:  # drop escapes, \\ first then \", so each quote left delimits a string
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Keep brackets and quotes only. Two quotes with nothing kept between them (an empty
+    # string, or the end of one string and the start of the next) go in pairs; the strings
+    # left are the few holding brackets, and go with them. A lone quote left is unterminated.
+    stream = data.translate(_TO_SQUARE, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in stream:
+        stream = _STRING.sub(b"", stream).replace(b'"', b"")
+    # Each pass drops the innermost pairs: one level off the deepest path, at C speed, while
+    # that drops a lot. Then the rest (few leaves, so few runs) is measured run by run.
+    passes, bound = 0, len(stream) // _PASS_MIN_DROP
+    while stream and passes < limit:
+        shorter = stream.replace(b"[]", b"")
+        passes += 1
+        dropped = len(stream) - len(shorter)
+        stream = shorter
+        if dropped < bound:
+            break
+    if not stream:
+        return False
+    runs = _BRACKET_RUN.findall(stream)
+    depths = accumulate(len(run) if run[0] == 0x5B else -len(run) for run in runs)
+    return next(filter((limit - passes).__lt__, depths), None) is not None
 
 
-class UpstreamTimeout(OutboundError):
-    """The per-request deadline passed (handlers answer 504)."""
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
-class UpstreamTLSError(OutboundError):
-    """The TLS handshake failed: untrusted certificate, wrong host name, protocol error."""
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is valid JSON syntax but parses to inf
+        raise ValueError("number out of range")
+    return value
 
 
-class UpstreamUnavailable(OutboundError):
-    """Could not connect, the connection broke, or the answer was not valid HTTP."""
+# One decoder, built once (json.loads with hooks would build one per call).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def parse_json(data: bytes, what: str = "the upstream"):
+    """Strict JSON of an upstream answer, or UpstreamInvalidResponse (502).
+
+    Strict UTF-8; nesting at most MAX_JSON_DEPTH (checked by a linear bracket scan BEFORE the
+    recursive parser runs; RecursionError is caught as well); no NaN, Infinity or out-of-range
+    float; no lone surrogate (an unpaired \\uD800-\\uDFFF escape). What it returns can always be
+    encoded by json.dumps(allow_nan=False) and then as UTF-8: the answer stays valid JSON.
+    """
+    try:
+        if nesting_exceeds(data):
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        value = _DECODER.decode(data.decode("utf-8"))
+        if _SURROGATE_ESCAPE.search(data):  # rare: only then pay for a full check
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UpstreamInvalidResponse(f"{what} answered JSON with a lone surrogate") from None
+    except UnicodeDecodeError:
+        raise UpstreamInvalidResponse(f"{what} answered text that is not UTF-8") from None
+    except RecursionError:
+        raise UpstreamInvalidResponse(f"{what} answered JSON nested too deep") from None
+    except ValueError as exc:
+        # Only the head of the parser's own sentence ("Expecting value: line 1 column 1"),
+        # never a piece of the answer, which may hold a token.
+        reason = str(exc.args[0] if exc.args else "").split(":", 1)[0][:80]
+        raise UpstreamInvalidResponse(f"{what} answered invalid JSON ({reason})") from None
+    return value
 
 
 def create_outbound_context(ca_file: str | None = None) -> ssl.SSLContext:
@@ -78,11 +164,15 @@ class Response(NamedTuple):
     body: bytes
 
     def json(self):
-        """The body as JSON, or None when it is not JSON."""
+        """The body as strict JSON (parse_json), or None when it is not."""
         try:
-            return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            return parse_json(self.body)
+        except UpstreamInvalidResponse:
             return None
+
+    def json_strict(self, what: str = "the upstream"):
+        """The body as strict JSON, or UpstreamInvalidResponse naming `what` answered."""
+        return parse_json(self.body, what)
 
 
 class _Deadline:
@@ -286,7 +376,7 @@ class OutboundClient:
                 break
             size += len(chunk)
             if size > MAX_RESPONSE_BYTES:
-                raise UpstreamUnavailable(
+                raise UpstreamInvalidResponse(
                     f"{conn.host}: answer larger than {MAX_RESPONSE_BYTES} bytes")
             chunks.append(chunk)
         headers_out = {k.lower(): v for k, v in resp.getheaders()}
@@ -303,11 +393,16 @@ class OutboundClient:
             return UpstreamTLSError(
                 f"{host}: certificate verification failed ({exc.verify_message})")
         if isinstance(exc, ssl.SSLError):
-            return UpstreamTLSError(f"{host}: TLS failed ({exc.reason or type(exc).__name__})")
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            return UpstreamTLSError(f"{host}: TLS failed ({reason})")
         if isinstance(exc, EgressError):
             return UpstreamUnavailable(f"{host}: {exc}")
-        if isinstance(exc, (OSError, http.client.HTTPException)):
-            return UpstreamUnavailable(f"{host}: {type(exc).__name__}")
+        if isinstance(exc, (OSError, http.client.IncompleteRead,
+                            http.client.ImproperConnectionState)):
+            return UpstreamUnavailable(f"{host}: connection failed ({type(exc).__name__})")
+        if isinstance(exc, http.client.HTTPException):  # BadStatusLine, LineTooLong, ...
+            return UpstreamInvalidResponse(f"{host}: the answer is not valid HTTP "
+                                           f"({type(exc).__name__})")
         return exc
 
     def post_form(self, url: str, fields: dict, timeout: float | None = None) -> Response:

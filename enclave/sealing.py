@@ -22,7 +22,11 @@ PURPOSE = b"google-refresh-token/v1"
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # the GCM standard nonce; random per seal (2^32 seals per key stay far below risk)
 TAG_BYTES = 16
-MAX_TOKEN_BYTES = 2048  # Google refresh tokens are ~100 bytes; 2 KiB leaves room, bounds input
+# Largest refresh token sealed, in bytes of UTF-8. Google documents refresh tokens of up to 512
+# bytes (they are ~100 today); 4 KiB is 8x that, so any token Google returns fits, while the
+# sealed form (under 5.5 KiB of text) stays far below the 64 KiB request body limit. A token over
+# it is refused with a clear 502 by enclave.google, never dropped silently.
+MAX_TOKEN_BYTES = 4 * 1024
 MAX_SEALED_CHARS = 4 + 16 + 1 + ((MAX_TOKEN_BYTES + TAG_BYTES) * 4 + 2) // 3
 
 

@@ -6,20 +6,26 @@ reused, while requests in flight on it finish normally (their connections are th
 The answer is {"result": <upstream JSON>, "signature": <base64 COSE_Sign1>} signed by the attested
 identity over {"intent": "watermark/v1", "timestamp_ms", "request_sha256", "response_sha256"}
 (see enclave.identity for how the digests are computed).
+
+Errors are enclave.errors classes (each carries its status and code): MtlsNotConfigured and
+WatermarkEndpointNotConfigured 503; the upstream family from the outbound client as raised;
+a non-2xx answer is UpstreamError 502 with its status; an answer that is not strict JSON
+(outbound.parse_json) is UpstreamInvalidResponse 502. The metric outcome is the error code.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import threading
 import time
 
-from .errors import ApiError
+from .errors import (ApiError, MtlsNotConfigured, UpstreamError,
+                     WatermarkEndpointNotConfigured)
+from .identity import SigningIdentity
+from .nitro.claims import INTENT_WATERMARK, canonical_json, sha256
 from .metrics import UPSTREAM_SECONDS
-from .identity import INTENT_WATERMARK, SigningIdentity, canonical_json, sha256
-from .outbound import OutboundClient, UpstreamTimeout, UpstreamTLSError, OutboundError
+from .outbound import OutboundClient, parse_json
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -73,17 +79,15 @@ class WatermarkService:
                 self._client.close()
             self._client = None
 
-    def _fail(self, outcome: str, exc: ApiError) -> ApiError:
-        self.metrics.inc("enclave_watermark_requests_total", {"outcome": outcome})
+    def _fail(self, exc: ApiError) -> ApiError:
+        self.metrics.inc("enclave_watermark_requests_total", {"outcome": exc.code})
         return exc
 
     def _check_configured(self, snapshot) -> None:
         if not snapshot.configured:
-            raise self._fail("not_configured", ApiError(
-                503, "mtls_not_configured", "client certificates have not been delivered yet"))
+            raise self._fail(MtlsNotConfigured("client certificates have not been delivered yet"))
         if not snapshot.endpoint:
-            raise self._fail("not_configured", ApiError(
-                503, "watermark_endpoint_not_configured",
+            raise self._fail(WatermarkEndpointNotConfigured(
                 "ECS_WATERMARK_ENDPOINT has not been delivered yet"))
 
     def handle(self, req: Request):
@@ -94,33 +98,20 @@ class WatermarkService:
         url = snapshot.endpoint.rstrip("/") + self.path
         started = time.perf_counter()
         try:
-            response = client.request("POST", url, req.body, {"Content-Type": "application/json"})
-        except UpstreamTimeout:
-            raise self._fail("timeout", ApiError(
-                504, "upstream_timeout", f"the watermark service did not answer within "
-                f"{self.timeout_s:g} s")) from None
-        except UpstreamTLSError as exc:
-            log.warning("watermark mTLS failed: %s", exc)
-            raise self._fail("tls_error", ApiError(
-                502, "upstream_tls_error", "the mTLS connection to the watermark service failed"
-            )) from None
-        except OutboundError as exc:
-            log.warning("watermark upstream unavailable: %s", exc)
-            raise self._fail("unavailable", ApiError(
-                502, "upstream_unavailable", "the watermark service could not be reached")) from None
-        finally:
-            self.metrics.observe(UPSTREAM_SECONDS, time.perf_counter() - started,
-                                 {"upstream": "watermark"})
-        if not 200 <= response.status < 300:
-            raise self._fail("upstream_status", ApiError(
-                502, "upstream_error",
-                f"the watermark service answered HTTP {response.status}",
-                {"X-Upstream-Status": str(response.status)}))
-        try:
-            result = json.loads(response.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise self._fail("upstream_invalid", ApiError(
-                502, "upstream_invalid_response", "the watermark service answered non-JSON")) from None
+            try:
+                response = client.request("POST", url, req.body,
+                                          {"Content-Type": "application/json"})
+            finally:
+                self.metrics.observe(UPSTREAM_SECONDS, time.perf_counter() - started,
+                                     {"upstream": "watermark"})
+            if not 200 <= response.status < 300:
+                raise UpstreamError(f"the watermark service answered HTTP {response.status}",
+                                    upstream_status=response.status)
+            result = parse_json(response.body, "the watermark service")
+        except UpstreamError as exc:  # raised with its status and code: only counted and logged
+            log.warning("watermark upstream failed: %s: %s", exc.code, exc.message)
+            self._fail(exc)
+            raise
         claims = {
             "intent": INTENT_WATERMARK,
             "timestamp_ms": int(self.clock() * 1000),

@@ -20,6 +20,7 @@ from enclave.metrics import UPSTREAM_SECONDS as UPSTREAM_METRIC
 from enclave.metrics import Metrics
 from enclave.outbound import OutboundClient
 from enclave.request import Request
+from enclave.server import json_bytes
 from tests.fakes.fake_google import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeGoogle
 from tests.fakes.pki import TestCA
 from tests.support import remember_secret
@@ -86,6 +87,15 @@ def request(body, path="/v1/rpc/google/token/exchange") -> Request:
                    authenticated=True)
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(data: bytes):
+    """What any JSON client accepts: UTF-8 (no lone surrogate) and no NaN/Infinity."""
+    return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+
+
 def pkce_pair():
     verifier = base64.urlsafe_b64encode(os.urandom(48)).rstrip(b"=").decode()
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()) \
@@ -123,6 +133,9 @@ class GoogleTestCase(unittest.TestCase):
             self.call(handler, body)
         self.assertEqual((ctx.exception.status, ctx.exception.code), (status, code),
                          ctx.exception.message)
+        # the answer the server builds from it is valid JSON with that code
+        answer = strict_json(json_bytes(ctx.exception.body()))
+        self.assertEqual(answer["error"]["code"], code)
         return ctx.exception
 
     def exchange_sealed(self):
@@ -211,7 +224,8 @@ class ExchangeTest(GoogleTestCase):
                                     {"code": self.mint(), "redirect_uri": REDIRECT})
         self.assertEqual(error.body()["error"]["code"], "upstream_timeout")
         self.assertEqual(self.metrics.value(OUTCOME_METRIC,
-                                            {"operation": "exchange", "outcome": "timeout"}), 1)
+                                            {"operation": "exchange",
+                                             "outcome": "upstream_timeout"}), 1)
 
     def test_not_configured(self):
         before = FAKE.state.token_requests
@@ -264,6 +278,84 @@ class ExchangeTest(GoogleTestCase):
         for _ in range(5):
             self.call(self.google.exchange, {"code": self.mint(), "redirect_uri": REDIRECT})
         self.assertEqual(FAKE.tls_connections, before)
+
+
+class OddAnswerTest(GoogleTestCase):
+    """Answers a broken or hostile upstream could send: mapped to 502s, never a 500."""
+
+    def test_odd_answers_are_mapped(self):
+        cases = [
+            # mode, status, code
+            ("deep_error", 502, "upstream_error"),  # a 400 we cannot read: unmapped non-2xx
+            ("deep_error_401", 502, "upstream_auth_failed"),  # the status alone decides
+            ("html_502", 502, "upstream_error"),
+            ("lone_surrogate_token", 502, "upstream_invalid_response"),
+            ("nan_expiry", 502, "upstream_invalid_response"),
+            ("non_json", 502, "upstream_invalid_response"),
+            ("oversize", 502, "upstream_invalid_response"),
+        ]
+        for mode, status, code in cases:
+            with self.subTest(mode):
+                FAKE.set_mode(mode)
+                self.assertApiError(status, code, self.google.exchange,
+                                    {"code": self.mint(), "redirect_uri": REDIRECT})
+                FAKE.set_mode("normal")
+
+    def test_deep_error_body_on_refresh_and_revoke(self):
+        sealed = self.exchange_sealed()
+        FAKE.set_mode("deep_error")
+        self.assertApiError(502, "upstream_error", self.google.refresh,
+                            {"sealed_refresh_token": sealed})
+        self.assertApiError(502, "upstream_error", self.google.revoke, {"token": "ya29.x"})
+
+    def test_unmapped_status_carries_the_upstream_status(self):
+        FAKE.set_mode("html_502")
+        error = self.assertApiError(502, "upstream_error", self.google.exchange,
+                                    {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.assertEqual(error.headers.get("X-Upstream-Status"), "502")
+        self.assertEqual(error.body()["error"]["upstream_status"], 502)
+        self.assertIn("502", error.message)
+
+    def test_refresh_token_sizes(self):
+        self.addCleanup(setattr, FAKE.state, "refresh_token_chars", None)
+        limit = sealing.MAX_TOKEN_BYTES
+        # Google documents refresh tokens up to 512 bytes; 4 KiB must fit with room to spare.
+        for chars in (512, 3000, 4096, limit):
+            with self.subTest(chars=chars):
+                FAKE.state.refresh_token_chars = chars
+                status, answer = self.call(self.google.exchange,
+                                           {"code": self.mint(), "redirect_uri": REDIRECT})
+                self.assertEqual(status, 200)
+                raw = sealing.unseal(self.key, answer["sealed_refresh_token"], DEFAULT_CLIENT_ID)
+                self.assertEqual(len(raw), chars)
+                # and the sealed value is accepted back by refresh
+                status, _ = self.call(self.google.refresh,
+                                      {"sealed_refresh_token": answer["sealed_refresh_token"]})
+                self.assertEqual(status, 200)
+        with self.subTest("over the limit: a clear 502, never a 500"):
+            FAKE.state.refresh_token_chars = limit + 1
+            error = self.assertApiError(502, "upstream_invalid_response", self.google.exchange,
+                                        {"code": self.mint(), "redirect_uri": REDIRECT})
+            self.assertIn(f"{limit} bytes", error.message)
+            self.assertIn("revoked", error.message)
+            self.assertEqual(self.metrics.value(OUTCOME_METRIC, {
+                "operation": "exchange", "outcome": "upstream_invalid_response"}), 1)
+            # no grant is left behind that nobody holds
+            oversized = [t for t in FAKE.state.refresh_tokens if len(t) == limit + 1]
+            self.assertEqual(len(oversized), 1)
+            self.assertTrue(FAKE.is_revoked(oversized[0]))
+
+    def test_google_unreachable_is_upstream_unavailable(self):
+        import socket
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        google = GoogleOAuth(lambda: self.creds, lambda: self.key, CLIENT,
+                             f"https://127.0.0.1:{port}/token", f"https://127.0.0.1:{port}/revoke",
+                             self.metrics, timeout_s=HANG_DEADLINE_S)
+        self.assertApiError(502, "upstream_unavailable", google.exchange,
+                            {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.assertApiError(502, "upstream_unavailable", google.revoke, {"token": "ya29.x"})
 
 
 class RefreshTest(GoogleTestCase):

@@ -1,14 +1,22 @@
-"""The outbound HTTPS client: trust, egress, keep-alive reuse, deadline, error mapping."""
+"""The outbound HTTPS client: trust, egress, keep-alive reuse, deadline, error mapping,
+and the strict JSON parser for upstream answers."""
 
+import http.client
+import json
+import random
 import socket
+import ssl
 import tempfile
 import threading
 import time
 import unittest
 
-from enclave.egress import Connector, parse_routes
-from enclave.outbound import (OutboundClient, OutboundError, UpstreamTimeout, UpstreamTLSError,
-                              UpstreamUnavailable, create_outbound_context)
+from enclave.egress import Connector, EgressError, parse_routes
+from enclave.errors import ApiError
+from enclave.outbound import (MAX_JSON_DEPTH, OutboundClient, OutboundError,
+                              UpstreamInvalidResponse, UpstreamTimeout, UpstreamTLSError,
+                              UpstreamUnavailable, create_outbound_context, nesting_exceeds,
+                              parse_json)
 from tests.fakes.fake_google import FakeGoogle
 from tests.fakes.pki import TestCA
 
@@ -166,6 +174,156 @@ class OutboundTest(unittest.TestCase):
         self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
         self.assertTrue(context.check_hostname)
         self.assertGreaterEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+
+    def test_answer_over_the_size_bound_is_upstream_invalid_response(self):
+        FAKE.set_mode("oversize")
+        with self.assertRaises(UpstreamInvalidResponse) as ctx:
+            self.client().post_form(FAKE.token_url, {"grant_type": "x"})
+        self.assertEqual((ctx.exception.status, ctx.exception.code),
+                         (502, "upstream_invalid_response"))
+
+
+class ErrorClassesTest(unittest.TestCase):
+    """Outbound failures are the API's upstream errors: status and code come with the class."""
+
+    def test_each_failure_carries_its_status_and_code(self):
+        host = "upstream.example"
+        cases = [
+            ("timeout", socket.timeout("x"), UpstreamTimeout, 504, "upstream_timeout"),
+            ("refused", ConnectionRefusedError(111, "refused"), UpstreamUnavailable, 502,
+             "upstream_unavailable"),
+            ("egress", EgressError("no route"), UpstreamUnavailable, 502, "upstream_unavailable"),
+            ("cut mid-body", http.client.IncompleteRead(b"x", 5), UpstreamUnavailable, 502,
+             "upstream_unavailable"),
+            ("TLS", ssl.SSLError(1, "bad"), UpstreamTLSError, 502, "upstream_tls_error"),
+            ("not HTTP", http.client.BadStatusLine("SSH-2.0"), UpstreamInvalidResponse, 502,
+             "upstream_invalid_response"),
+            ("header line too long", http.client.LineTooLong("header line"),
+             UpstreamInvalidResponse, 502, "upstream_invalid_response"),
+        ]
+        for name, raised, kind, status, code in cases:
+            with self.subTest(name):
+                error = OutboundClient._map_error(host, raised)
+                self.assertIsInstance(error, kind)
+                self.assertIsInstance(error, OutboundError)
+                self.assertIsInstance(error, ApiError)
+                self.assertEqual((error.status, error.code), (status, code))
+                self.assertIn(host, error.message)
+                self.assertEqual(json.loads(json.dumps(error.body()))["error"]["code"], code)
+
+
+def _no_constant(name):
+    raise ValueError(name)
+
+
+class ParseJsonTest(unittest.TestCase):
+    def test_accepts_strict_json(self):
+        deepest = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+        cases = [
+            ("object", b'{"a": [1, 2.5, -3e10, true, null, "x"]}'),
+            ("paired surrogates", b'{"emoji": "\\ud83d\\ude00"}'),
+            ("escaped backslash then ud800", b'{"path": "\\\\ud800"}'),
+            ("brackets inside strings do not count", b'{"s": "' + b"[{" * 10_000 + b'"}'),
+            ("escaped quote inside a string", b'{"s": "a\\"[[[[", "t": []}'),
+            ("as deep as allowed", deepest),
+            ("non-ASCII", '{"name": "Zoë ✓"}'.encode()),
+            ("many small arrays", b"[" + b",".join([b"[1]"] * 10_000) + b"]"),
+        ]
+        for name, data in cases:
+            with self.subTest(name):
+                value = parse_json(data)
+                self.assertEqual(value, json.loads(data))
+                # what it returns always encodes to strict JSON
+                encoded = json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+                json.loads(encoded, parse_constant=_no_constant)
+
+    def test_refuses_what_is_not_strict_json(self):
+        deep = 100_000
+        cases = [
+            ("NaN", b'{"a": NaN}'),
+            ("Infinity", b'{"a": Infinity}'),
+            ("-Infinity", b'[-Infinity]'),
+            ("1e999 parses to inf", b'{"a": 1e999}'),
+            ("-1e999", b'[-1e999]'),
+            ("lone high surrogate", b'{"a": "\\ud800"}'),
+            ("lone low surrogate", b'{"a": "x\\udc00y"}'),
+            ("lone surrogate in a key", b'{"\\udbff": 1}'),
+            ("reversed pair", b'["\\ude00\\ud83d"]'),
+            ("encoded surrogate bytes", b'{"a": "\xed\xa0\x80"}'),
+            ("not UTF-8", b'{"a": "\xff"}'),
+            ("one level too deep", b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)),
+            ("arrays 100k deep", b"[" * deep + b"]" * deep),
+            ("objects 100k deep", b'{"a":' * deep + b"1" + b"}" * deep),
+            ("100k deep, never closed", b"[" * deep),
+            ("deep after a string", b'["x", ' + b"[" * deep + b"]" * deep + b"]"),
+            ("deep after an unterminated string", b"[" * deep + b'"abc'),
+            ("HTML", b"<html>nope</html>"),
+            ("empty", b""),
+            ("huge integer", b"1" * 5000),
+        ]
+        for name, data in cases:
+            with self.subTest(name):
+                with self.assertRaises(UpstreamInvalidResponse) as ctx:
+                    parse_json(data, "the test upstream")
+                self.assertEqual((ctx.exception.status, ctx.exception.code),
+                                 (502, "upstream_invalid_response"))
+                self.assertIn("the test upstream", ctx.exception.message)
+
+    def test_message_never_quotes_the_answer(self):
+        secret = "ya29.secret-in-a-broken-answer"
+        for data in (f'{{"access_token": "{secret}", }}'.encode(),
+                     f'{{"access_token": "{secret}" NaN}}'.encode(),
+                     f'{{"access_token": "{secret}", "x": 1e999}}'.encode()):
+            with self.subTest(data=data[-12:]):
+                with self.assertRaises(UpstreamInvalidResponse) as ctx:
+                    parse_json(data)
+                self.assertNotIn(secret, ctx.exception.message)
+
+    def test_depth_scan_agrees_with_the_real_depth(self):
+        rng = random.Random(7)  # fixed seed: the same documents every run
+        pieces = ['"', "\\", "[", "]", "{", "}", "a", "\n", "é"]
+
+        def text():
+            return "".join(rng.choice(pieces) for _ in range(rng.randrange(6)))
+
+        def value(depth):
+            if depth == 0 or rng.random() < 0.25:
+                return rng.choice([1, 2.5, None, True, text()])
+            if rng.random() < 0.5:
+                return [value(depth - 1) for _ in range(rng.randrange(1, 4))]
+            return {text(): value(depth - 1) for _ in range(rng.randrange(1, 4))}
+
+        def depth_of(v):
+            if isinstance(v, list):
+                return 1 + max(map(depth_of, v), default=0)
+            if isinstance(v, dict):
+                return 1 + max(map(depth_of, v.values()), default=0)
+            return 0
+
+        for n in range(300):
+            doc = value(rng.randrange(12))
+            data = json.dumps(doc, ensure_ascii=rng.random() < 0.5).encode()
+            real = depth_of(doc)
+            for limit in (0, 1, real - 1, real, real + 1):
+                if limit >= 0:
+                    with self.subTest(n=n, limit=limit, depth=real):
+                        self.assertEqual(nesting_exceeds(data, limit), real > limit)
+
+    def test_depth_scan_is_linear_on_hostile_input(self):
+        # Stray quotes and escapes: a naive string regex retries from every quote (quadratic,
+        # minutes for 1 MiB). Bounded generously: the linear scan takes milliseconds.
+        size = 1024 * 1024
+        for name, data in (("quotes", b'"\\' * (size // 2)),
+                           ("escaped quotes", b'\\"' * (size // 2)),
+                           ("brackets", b"[" * size), ("mixed", b'["' * (size // 2)),
+                           ("just under the limit, repeated",
+                            (b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH) * (size // 128)),
+                           ("alternating", b"[" + b"[]" * (size // 2) + b"[")):
+            with self.subTest(name):
+                started = time.perf_counter()
+                with self.assertRaises(UpstreamInvalidResponse):
+                    parse_json(data)
+                self.assertLess(time.perf_counter() - started, 2.0)
 
 
 if __name__ == "__main__":

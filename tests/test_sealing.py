@@ -91,6 +91,17 @@ class SealingTest(unittest.TestCase):
         big = "x" * sealing.MAX_TOKEN_BYTES
         self.assertEqual(unseal(KEY, seal(KEY, big, CLIENT), CLIENT), big)
 
+    def test_limit_fits_any_google_refresh_token(self):
+        # Google documents refresh tokens of up to 512 bytes; the limit leaves ample room, and
+        # the sealed form of the largest token passes the unseal length check.
+        self.assertGreaterEqual(sealing.MAX_TOKEN_BYTES, 4096)
+        for size in (512, 2049, sealing.MAX_TOKEN_BYTES):
+            with self.subTest(size=size):
+                token = "1//0g" + "x" * (size - 5)
+                sealed = seal(KEY, token, CLIENT)
+                self.assertLessEqual(len(sealed), sealing.MAX_SEALED_CHARS)
+                self.assertEqual(unseal(KEY, sealed, CLIENT), token)
+
     def test_errors_never_carry_the_token(self):
         sealed = seal(KEY, TOKEN, CLIENT)
         with self.assertRaises(SealingError) as ctx:

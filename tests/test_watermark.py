@@ -2,22 +2,49 @@
 
 import base64
 import hashlib
+import http.client
 import json
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
 from enclave.nitro.claims import INTENT_WATERMARK, canonical_json, sha256, verify_claims
+from enclave.rpcauth import new_nonce, sign_request
 from tests.fakes.pki import TestCA
 from tests.stack import LocalStack
 from tests.support import scan_later
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps({"document_id": "doc-42", "user": "alice@example.com"}).encode()
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def raw_rpc(stack, body=BODY):
+    """(status, headers, body bytes) of a signed watermark RPC, the body left unparsed."""
+    target = "/v1/rpc/watermark"
+    headers = {"Content-Type": "application/json",
+               **sign_request(stack.secret, "POST", target, body, int(time.time()), new_nonce())}
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    try:
+        conn.request("POST", target, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def strict_json(data: bytes):
+    """What any JSON client accepts: UTF-8 (no lone surrogate) and no NaN/Infinity."""
+    return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
 
 
 class EndToEnd(unittest.TestCase):
@@ -86,12 +113,21 @@ class EndToEnd(unittest.TestCase):
         cases = [
             ("upstream 500", "error500", 502, "upstream_error"),
             ("upstream non-JSON", "non_json", 502, "upstream_invalid_response"),
+            ("lone surrogate", "lone_surrogate", 502, "upstream_invalid_response"),
+            ("NaN", "nan", 502, "upstream_invalid_response"),
+            ("-Infinity", "infinity", 502, "upstream_invalid_response"),
+            ("1e999 (parses to inf)", "huge_float", 502, "upstream_invalid_response"),
+            ("nesting 100k deep", "deep", 502, "upstream_invalid_response"),
         ]
         for name, mode, status, code in cases:
             with self.subTest(name):
                 self.stack.fake_wm.mode = mode
-                got, body = self.rpc()
+                got, headers, raw = raw_rpc(self.stack)
+                body = strict_json(raw)  # always valid JSON, whatever the upstream sent
                 self.assertEqual((got, body["error"]["code"]), (status, code))
+                if mode == "error500":
+                    self.assertEqual(headers.get("X-Upstream-Status"), "500")
+                    self.assertEqual(body["error"]["upstream_status"], 500)
         self.stack.fake_wm.mode = "ok"
         with self.subTest("request body that is not JSON"):
             got, body = self.rpc(b"not json")
@@ -108,6 +144,17 @@ class EndToEnd(unittest.TestCase):
 
 
 class Failures(unittest.TestCase):
+    def test_unreachable_upstream_is_upstream_unavailable(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with LocalStack(google=False) as stack:
+            payload = stack.mtls_payload(endpoint=f"https://127.0.0.1:{port}")
+            self.assertTrue(stack.deliver(payload)["ok"])
+            status, _, raw = raw_rpc(stack)
+            self.assertEqual((status, strict_json(raw)["error"]["code"]),
+                             (502, "upstream_unavailable"))
+
     def test_no_endpoint_yet(self):
         with LocalStack(google=False) as stack:
             payload = stack.mtls_payload()

@@ -9,7 +9,9 @@ Behaviour follows Google's token endpoint (form-encoded POST, client_id/client_s
 form, JSON answers): single-use authorization codes, PKCE S256, redirect_uri match, the
 refresh_token grant, and the revoke endpoint (`token=`; 200, or 400 invalid_token when unknown).
 Error bodies are the ones Google sends (the ERR_* constants below).
-Modes: "normal", "hang" (no answer until the hang bound or stop()), "error500".
+Modes: "normal", "hang" (no answer until the hang bound or stop()), "error500", and the odd
+answers of RAW_ANSWERS (a 100k-deep error body, a token answer with a lone surrogate, HTML, an
+answer over the client's size bound). `refresh_token_chars` pads issued refresh tokens to a length.
 
 Also a script for the local stack:
     python -m tests.fakes.fake_google --port P --cert F --key F --client-id ID --client-secret S
@@ -60,6 +62,25 @@ ERR_INVALID_TOKEN = (400, {"error": "invalid_token", "error_description": "Token
 ERR_BACKEND = (500, {"error": "internal_failure", "error_description": "Backend Error"})
 
 
+DEEP_NESTING = 100_000  # far past any recursion limit: a recursive parser would blow up
+# Odd answers by mode name: (status, content type, body bytes).
+RAW_ANSWERS = {
+    "deep_error": (400, "application/json",
+                   b'{"error": ' + b"[" * DEEP_NESTING + b"]" * DEEP_NESTING + b"}"),
+    "deep_error_401": (401, "application/json",
+                       b'{"error": ' + b"[" * DEEP_NESTING + b"]" * DEEP_NESTING + b"}"),
+    "lone_surrogate_token": (200, "application/json",
+                             b'{"access_token": "ya29.\\udc00", "expires_in": 3599, '
+                             b'"token_type": "Bearer"}'),
+    "nan_expiry": (200, "application/json",
+                   b'{"access_token": "ya29.x", "expires_in": NaN, "token_type": "Bearer"}'),
+    "non_json": (200, "text/html", b"<html><body>Service Unavailable</body></html>"),
+    "html_502": (502, "text/html", b"<html><body>502 Bad Gateway</body></html>"),
+    "oversize": (200, "application/json", b'{"access_token": "' + b"a" * (1024 * 1024) + b'"}'),
+}
+MODES = ("normal", "hang", "error500", *RAW_ANSWERS)
+
+
 def _missing(name: str):
     return 400, {"error": "invalid_request", "error_description": f"Missing required parameter: {name}"}
 
@@ -86,6 +107,7 @@ class _State:
     token_requests: int = 0
     revoke_requests: int = 0
     grants: list[str] = field(default_factory=list)  # grant_type of each token request
+    refresh_token_chars: int | None = None  # pad issued refresh tokens to this length
 
 
 def _s256(verifier: str) -> str:
@@ -112,6 +134,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if close or self.close_connection:
             self.send_header("Connection", "close")
             self.close_connection = True
+        self._headers_buffer.append(b"\r\n")
+        self.wfile.write(b"".join(self._headers_buffer) + body)
+        self._headers_buffer = []
+        self.log_request(status, len(body))
+
+    def _answer_raw(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response_only(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
         self._headers_buffer.append(b"\r\n")
         self.wfile.write(b"".join(self._headers_buffer) + body)
         self._headers_buffer = []
@@ -160,6 +191,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if fake.state.mode == "error500":
             self._answer(*ERR_BACKEND)
+            return
+        if fake.state.mode in RAW_ANSWERS:
+            self._answer_raw(*RAW_ANSWERS[fake.state.mode])
             return
         with fake._lock:
             if path == "/token":
@@ -268,7 +302,7 @@ class FakeGoogle:
 
     # -- test controls -----------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
-        if mode not in ("normal", "hang", "error500"):
+        if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         self.state.mode = mode
         if mode == "normal":
@@ -362,6 +396,9 @@ class FakeGoogle:
             refresh = None
             if code.offline:
                 refresh = "1//0g" + secrets.token_urlsafe(48)
+                if self.state.refresh_token_chars:
+                    padding = self.state.refresh_token_chars - len(refresh)
+                    refresh += secrets.token_urlsafe(padding)[:padding]
                 remember_secret(refresh, kind="google refresh token")
                 self.state.refresh_tokens[refresh] = (code.client_id, code.scope)
             return 200, self._issue(code.scope, refresh, include_refresh=True)

@@ -37,6 +37,17 @@ HANG_LIMIT_SECONDS = 30.0  # a hanging answer never outlives this
 IDLE_TIMEOUT_SECONDS = 15.0
 
 
+# Odd answers a broken or hostile service could send (200, application/json), by mode name.
+DEEP_NESTING = 100_000  # far past any recursion limit: a recursive parser would blow up
+ODD_ANSWERS = {
+    "lone_surrogate": b'{"watermark": "\\ud800", "algorithm": "x"}',  # an escape with no pair
+    "nan": b'{"watermark": NaN}',
+    "infinity": b'{"watermark": "x", "score": -Infinity}',
+    "huge_float": b'{"watermark": "x", "score": 1e999}',  # a valid token that parses to inf
+    "deep": b"[" * DEEP_NESTING + b"]" * DEEP_NESTING,
+}
+
+
 def watermark_for(body: dict) -> dict:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     mark = hmac.new(WATERMARK_KEY, canonical.encode(), hashlib.sha256).hexdigest()
@@ -105,6 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._answer(500, b'{"error":"internal"}')
         if mode == "non_json":
             return self._answer(200, b"<html>not json</html>", "text/html")
+        if mode in ODD_ANSWERS:
+            return self._answer(200, ODD_ANSWERS[mode])
         if self.path != self.server.path:
             return self._answer(404, b'{"error":"not_found"}')
         try:
