@@ -1,6 +1,6 @@
 """The one HTTPS client for outbound calls (Google OAuth), over the egress connector.
 
-- Trust: the system store (ssl.create_default_context); ENCLAVE_OUTBOUND_CA_FILE adds a CA for
+- Trust: enclave.tls.outbound_context (the system store); ENCLAVE_OUTBOUND_CA_FILE adds a CA for
   fakes (config refuses it in staging/production).
 - Transport: TLS over `egress.Connector.connect(host, port)` (AF_VSOCK when routed) with
   `server_hostname=host`.
@@ -30,6 +30,7 @@ from itertools import accumulate
 from typing import NamedTuple
 from urllib.parse import urlencode, urlsplit
 
+from . import tls
 from .egress import Connector, EgressError
 from .errors import (UpstreamError, UpstreamInvalidResponse, UpstreamTimeout, UpstreamTLSError,
                      UpstreamUnavailable)
@@ -52,7 +53,7 @@ MAX_JSON_DEPTH = 64
 OutboundError = UpstreamError
 __all__ = ["MAX_JSON_DEPTH", "MAX_RESPONSE_BYTES", "OutboundClient", "OutboundError",
            "Response", "UpstreamInvalidResponse", "UpstreamTLSError", "UpstreamTimeout",
-           "UpstreamUnavailable", "create_outbound_context", "nesting_exceeds", "parse_json"]
+           "UpstreamUnavailable", "nesting_exceeds", "parse_json"]
 
 _STRING = re.compile(rb'"[^"]*"')  # once escapes are dropped, a string runs quote to quote
 _TO_SQUARE = bytes.maketrans(b"{}", b"[]")
@@ -137,23 +138,6 @@ def parse_json(data: bytes, what: str = "the upstream"):
         reason = str(exc.args[0] if exc.args else "").split(":", 1)[0][:80]
         raise UpstreamInvalidResponse(f"{what} answered invalid JSON ({reason})") from None
     return value
-
-
-def create_outbound_context(ca_file: str | None = None) -> ssl.SSLContext:
-    """Every TLS setting for outbound HTTPS, in one place."""
-    # System trust store, CERT_REQUIRED and check_hostname=True, PROTOCOL_TLS_CLIENT.
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    # Never below TLS 1.2 (Google serves 1.2 and 1.3).
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Explicit, even though they are the defaults: a context is never weakened later.
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.check_hostname = True
-    # A fake's CA (local/test only; config refuses it in staging/production). Added, not replacing.
-    if ca_file:
-        context.load_verify_locations(cafile=ca_file)
-    # HTTP/1.1 only: keep-alive reuse is what makes the pool worth it.
-    context.set_alpn_protocols(["http/1.1"])
-    return context
 
 
 class Response(NamedTuple):
@@ -245,7 +229,7 @@ class OutboundClient:
         if self._context is None:
             with self._lock:
                 if self._context is None:
-                    self._context = create_outbound_context(self._ca_file)
+                    self._context = tls.outbound_context(self._ca_file)
         return self._context
 
     # -- pool ------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ class SecretStore:
     @staticmethod
     def _build_context(files: certstore.CertFiles) -> ssl.SSLContext:
         try:
-            return tls.create_mtls_context(files.ca_cert, files.client_cert, files.client_key)
+            return tls.mtls_client_context(files.ca_cert, files.client_cert, files.client_key)
         except ssl.SSLError as exc:
             # OpenSSL's reason (e.g. EE_KEY_TOO_SMALL) names a rule, never key material.
             raise InvalidCertificate(f"the TLS library refused the certificates "

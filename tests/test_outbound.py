@@ -11,11 +11,12 @@ import threading
 import time
 import unittest
 
+from enclave import tls
 from enclave.egress import Connector, EgressError, parse_routes
 from enclave.errors import ApiError
 from enclave.outbound import (MAX_JSON_DEPTH, OutboundClient, OutboundError,
                               UpstreamInvalidResponse, UpstreamTimeout, UpstreamTLSError,
-                              UpstreamUnavailable, create_outbound_context, nesting_exceeds,
+                              UpstreamUnavailable, nesting_exceeds,
                               parse_json)
 from tests.fakes.fake_google import FakeGoogle
 from tests.fakes.pki import TestCA
@@ -170,7 +171,7 @@ class OutboundTest(unittest.TestCase):
 
     def test_context_settings(self):
         import ssl
-        context = create_outbound_context(CA_FILE)
+        context = tls.outbound_context(CA_FILE)
         self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
         self.assertTrue(context.check_hostname)
         self.assertGreaterEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)

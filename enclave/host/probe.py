@@ -40,7 +40,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from .. import nitro
+from .. import nitro, tls
 from ..rpcauth import new_nonce, sign_request
 from .args import UsageError, is_insecure_root, parse_pcrs, resolve_secret, trusted_roots
 
@@ -162,7 +162,7 @@ class Probe:
         target = self.prefix + path
         if self.scheme == "https":
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                               context=ssl.create_default_context())
+                                               context=tls.https_client_context())
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         sent = {"Connection": "close", **(headers or {})}
