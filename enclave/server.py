@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import re
+import selectors
 import socket
 import socketserver
 import threading
@@ -410,7 +411,69 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         request.authenticated = True
 
 
-class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+class PromptShutdownMixin:
+    """serve_forever() that shutdown() wakes at once.
+
+    socketserver's loop polls for a shutdown request every 0.5 s, so every stop waits up to
+    that long. Here the loop also watches one end of a socketpair; shutdown() writes a byte to
+    the other end. Put the mixin first in the bases of a socketserver server class.
+    """
+
+    _wake_r = _wake_w = None
+    _stop_requested = False
+    _loop_stopped: threading.Event | None = None
+
+    def server_activate(self):
+        super().server_activate()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._loop_stopped = threading.Event()  # unset until a loop has run and ended
+
+    def serve_forever(self, poll_interval=None):  # poll_interval: unused, there is no poll
+        self._loop_stopped.clear()
+        try:
+            with selectors.PollSelector() as selector:  # as socketserver's own selector
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stop_requested:
+                    ready = selector.select()
+                    if self._stop_requested:
+                        break
+                    for key, _ in ready:
+                        if key.fileobj is self:
+                            self._handle_request_noblock()
+                        else:
+                            self._drain_wakeups()
+                    self.service_actions()
+        finally:
+            self._stop_requested = False
+            self._drain_wakeups()
+            self._loop_stopped.set()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def shutdown(self):
+        """Stop serve_forever and wait for it (like socketserver: call it from another thread)."""
+        self._stop_requested = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # closed, or a full buffer: the loop is awake already
+            pass
+        self._loop_stopped.wait()
+
+    def server_close(self):
+        super().server_close()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+
+
+class HttpServer(PromptShutdownMixin, socketserver.ThreadingMixIn, socketserver.TCPServer):
     """ThreadingHTTPServer with a connection cap, TCP_NODELAY, metrics and a graceful drain."""
 
     daemon_threads = True
