@@ -35,6 +35,38 @@ def make_router(gate: threading.Event | None = None, entered: threading.Event | 
     return router
 
 
+WAIT_SECONDS = 5.0  # every wait on a condition gives up after this
+POLL_SECONDS = 0.005
+DRIP_SECONDS = 0.3  # a dripping client's pace: each drip inside the tests' 0.5 s idle timeout
+
+
+def wait_until(predicate, timeout: float = WAIT_SECONDS) -> bool:
+    """Poll a condition (bounded); True once it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole answer (head and Content-Length bytes of body) from a keep-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    _, headers, body = parse_raw_response(data)
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" + body
+
+
 def post(port, body: bytes, headers: dict) -> bytes:
     lines = ["POST /echo HTTP/1.1", "Host: x"] + [f"{k}: {v}" for k, v in headers.items()]
     return raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
@@ -181,8 +213,7 @@ class Answers(unittest.TestCase):
                          b"Content-Length: 8\r\nExpect: 100-continue\r\n\r\n")
             self.assertEqual(sock.recv(4096), b"HTTP/1.1 100 Continue\r\n\r\n")
             sock.sendall(b'{"a": 1}')
-            time.sleep(0.1)
-            status, _, body = parse_raw_response(sock.recv(65536))
+            status, _, body = parse_raw_response(read_response(sock))
         self.assertEqual((status, json.loads(body)), (200, {"echo": {"a": 1}}))
 
     def test_clients_cannot_fill_the_metrics_with_invented_methods(self):
@@ -190,10 +221,8 @@ class Answers(unittest.TestCase):
             raw_exchange(self.port, f"M{i} /healthz HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
         http_call(self.port, "GET", "/healthz")
         m = self.server.metrics
-        deadline = time.monotonic() + 5
         labels = {"method": "GET", "route": "/healthz", "status": "200"}
-        while time.monotonic() < deadline and not m.value("enclave_http_requests_total", labels):
-            time.sleep(0.01)
+        wait_until(lambda: m.value("enclave_http_requests_total", labels))
         self.assertEqual(m.value("enclave_http_requests_total", labels), 1)
         self.assertGreater(m.value("enclave_http_requests_total",
                                    {"method": "OTHER", "route": "/healthz", "status": "405"}), 0)
@@ -205,11 +234,8 @@ class Answers(unittest.TestCase):
         # the server records a request just after its answer is written: wait for it (bounded)
         ok = {"method": "GET", "route": "/healthz", "status": "200"}
         missing = {"method": "GET", "route": "unmatched", "status": "404"}
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (
-                m.value("enclave_http_requests_total", ok)
-                and m.value("enclave_http_requests_total", missing)):
-            time.sleep(0.01)
+        wait_until(lambda: m.value("enclave_http_requests_total", ok)
+                   and m.value("enclave_http_requests_total", missing))
         self.assertEqual(m.value("enclave_http_requests_total",
                                  {"method": "GET", "route": "/healthz", "status": "200"}), 1)
         self.assertEqual(m.value("enclave_http_requests_total",
@@ -236,21 +262,23 @@ class Limits(unittest.TestCase):
                 with self.subTest(name):
                     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
                         sock.sendall(start)
+                        sock.settimeout(DRIP_SECONDS)
                         began, closed = time.monotonic(), False
-                        while time.monotonic() - began < 8:  # bounded: 20 drips at most
-                            time.sleep(0.3)  # each drip inside the idle timeout
-                            try:
-                                sock.sendall(drip)
-                            except OSError:
-                                closed = True
-                                break
-                            sock.settimeout(0.01)
-                            try:
+                        while time.monotonic() - began < 8:  # bounded: 27 drips at most
+                            try:  # wait for the close, at most one drip interval
                                 if sock.recv(1) == b"":
                                     closed = True
                                     break
                             except socket.timeout:
                                 pass
+                            except OSError:
+                                closed = True
+                                break
+                            try:
+                                sock.sendall(drip)
+                            except OSError:
+                                closed = True
+                                break
                         self.assertTrue(closed, "the dripping connection was never closed")
                         self.assertLess(time.monotonic() - began, 5)
 
@@ -272,13 +300,8 @@ class Limits(unittest.TestCase):
                 self.assertIn(b"200 OK", holders[0].recv(65536))
                 # a freed slot is taken by a new client
                 holders.pop().close()
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:
-                    status, _, _ = http_call(server.port, "GET", "/healthz")
-                    if status == 200:
-                        break
-                    time.sleep(0.05)
-                self.assertEqual(status, 200)
+                self.assertTrue(wait_until(
+                    lambda: http_call(server.port, "GET", "/healthz")[0] == 200))
             finally:
                 for sock in holders:
                     sock.close()
@@ -295,8 +318,11 @@ class Limits(unittest.TestCase):
         t = threading.Thread(target=client)
         t.start()
         self.assertTrue(entered.wait(5))
-        threading.Timer(0.2, gate.set).start()
+        opener = threading.Thread(target=lambda: wait_until(lambda: server.draining)
+                                  and gate.set())  # the request finishes during the drain
+        opener.start()
         self.assertTrue(server.drain(timeout=5))
+        opener.join(5)
         t.join(5)
         thread.join(5)
         self.assertEqual(result["answer"][0], 200)
