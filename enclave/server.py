@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from .addresses import Address
 from .errors import ApiError
 from .metrics import Metrics
-from .request import Headers, Request
+from .request import Headers, Request, target_problem
 from .rpcauth import AuthError
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._status = status
         self.wfile.write(_encode(status, body, content_type, self.close_connection, extra))
 
+    def _send_internal_error(self) -> None:
+        try:
+            self._send(500, error_body("internal_error", "internal error"))
+        except OSError:
+            pass
+
     def send_json(self, status: int, value, extra: dict | None = None) -> None:
         self._send(status, json_bytes(value), JSON_TYPE, extra)
 
@@ -220,6 +226,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, OSError):
             self.close_connection = True
             return
+        except Exception:  # a bug while parsing: answer, never drop the connection
+            log.exception("error while reading a request head")
+            self.close_connection = True
+            self._send_internal_error()
+            return
         self._reader.clear_deadline()
         if self.server.draining:
             self.close_connection = True
@@ -230,6 +241,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             label = self._dispatch()
         except (TimeoutError, ConnectionError, BrokenPipeError):
             self.close_connection = True
+        except Exception:  # a bug outside the handler: answer, never drop the connection
+            log.exception("error while dispatching %s", self.command)
+            self.close_connection = True
+            if not self._status:  # nothing was sent yet
+                self._send_internal_error()
         finally:
             self.busy = False
             if self._status:
@@ -248,6 +264,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest(400, "bad_request", "malformed request line")
         if not _TOKEN.fullmatch(method) or not target.startswith("/"):
             raise BadRequest(400, "bad_request", "malformed request line")
+        problem = target_problem(target)
+        if problem is not None:
+            raise BadRequest(400, "invalid_target", problem)
         self.command, self.path, self.request_version = method, target, version
         self.requestline = f"{method} {target} {version}"
         items = []
@@ -283,12 +302,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self) -> str:
         self._body_consumed = True
-        target = self.path
-        if "?" in target or "#" in target:
-            split = urlsplit(target)
-            path, query = split.path, parse_qs(split.query)
-        else:
-            path, query = target, {}
+        target = self.path  # origin-form, checked by _parse_head: no "#", no "//" prefix
+        path, has_query, query_text = target.partition("?")
+        query = parse_qs(query_text) if has_query else {}
         route, allowed = self.server.router.match(self.command, path)
         if route is None:
             self._discard_body()

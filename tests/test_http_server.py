@@ -242,6 +242,84 @@ class Answers(unittest.TestCase):
                                  {"method": "GET", "route": "unmatched", "status": "404"}), 1)
 
 
+class Targets(unittest.TestCase):
+    """Origin-form targets are split by the server itself; anything else is refused with 400."""
+
+    def setUp(self):
+        ctx = running_server(make_router())
+        self.server = ctx.__enter__()
+        self.addCleanup(ctx.__exit__, None, None, None)
+
+    def get(self, target: bytes) -> tuple[int, dict, bytes]:
+        data = raw_exchange(self.server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                            b"Connection: close\r\n\r\n")
+        self.assertTrue(data, "the connection was dropped without an answer")
+        return parse_raw_response(data)
+
+    def test_refused_targets_answer_400_invalid_target(self):
+        cases = [
+            ("authority-like //, urlsplit raised on it", b"//[?x"),
+            ("authority-like //, with a query", b"//x/healthz?q"),
+            ("authority-like //", b"//x/healthz"),
+            ("a lone //", b"//"),
+            ("fragment", b"/healthz#frag"),
+            ("fragment after a query", b"/healthz?a#b"),
+            ("NUL", b"/heal\x00thz"),
+            ("SOH", b"/heal\x01thz"),
+            ("bare CR", b"/healthz\rX"),
+            ("ESC and BEL", b"/healthz\x1b[31m\x07"),
+            ("TAB", b"/healthz\tx"),
+            ("DEL", b"/healthz?\x7f"),
+            ("raw UTF-8", "/healthz?q=\u00e9t\u00e9".encode("utf-8")),
+            ("C1 control", b"/healthz\x85"),
+            ("latin-1 byte", b"/healthz?q=\xe9"),
+        ]
+        for name, target in cases:
+            with self.subTest(name), captured_logs() as logs:
+                status, headers, body = self.get(target)
+                self.assertEqual(status, 400)
+                self.assertEqual(headers["content-type"], "application/json")
+                self.assertEqual(json.loads(body)["error"]["code"], "invalid_target")
+                self.assertNotIn("Traceback", logs.getvalue())
+
+    def test_accepted_targets_are_split_at_the_first_question_mark(self):
+        cases = [
+            ("plain", b"/healthz", 200),
+            ("empty query", b"/healthz?", 200),
+            ("query", b"/healthz?q", 200),
+            ("percent-encoded UTF-8", b"/healthz?q=%C3%A9t%C3%A9", 200),
+            ("slashes and a question mark in the query", b"/healthz?next=//x/y?z", 200),
+            ("unknown path with a query", b"/nope?x", 404),
+            ("a path that only ends like a route", b"/x/healthz", 404),
+        ]
+        for name, target, status in cases:
+            with self.subTest(name):
+                self.assertEqual(self.get(target)[0], status)
+
+    def test_the_query_reaches_the_handler_parsed(self):
+        seen = []
+        router = Router()
+        router.add("GET", "/q", lambda req: (seen.append((req.target, req.path, req.query)),
+                                             (200, {}))[1])
+        with running_server(router) as server:
+            self.assertEqual(http_call(server.port, "GET", "/q?a=1&a=2&b=%C3%A9&c")[0], 200)
+        self.assertEqual(seen, [("/q?a=1&a=2&b=%C3%A9&c", "/q", {"a": ["1", "2"], "b": ["\u00e9"]})])
+
+    def test_an_exception_outside_the_handler_answers_500_not_a_dropped_connection(self):
+        class BrokenRouter(Router):
+            def match(self, method, path):
+                raise RuntimeError("secret internal detail")
+
+        with running_server(BrokenRouter()) as server, captured_logs() as logs:
+            data = raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(data, "the connection was dropped without an answer")
+        status, headers, body = parse_raw_response(data)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (500, "internal_error"))
+        self.assertEqual(headers.get("connection"), "close")
+        self.assertNotIn(b"secret internal detail", data)
+        self.assertIn("Traceback", logs.getvalue())  # logged, not sent
+
+
 class Limits(unittest.TestCase):
     def test_idle_connection_is_closed_after_the_timeout(self):
         with running_server(make_router(), idle_timeout=0.5) as server:
