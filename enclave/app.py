@@ -88,7 +88,7 @@ class Runtime:
     # -- routes --------------------------------------------------------------------------
     def router(self) -> Router:
         r = Router()
-        r.add("GET", "/healthz", self.healthz, raw=True)
+        r.add("GET", "/healthz", self.healthz, raw=True, head=True)
         r.add("GET", "/metrics", self.metrics_text, raw=True)
         if self.attestation:
             r.add("GET", "/v1/attestation/document", self.attestation.document)

@@ -77,8 +77,14 @@ class Router:
     def __init__(self):
         self._routes: dict[str, dict[str, Route]] = {}
 
-    def add(self, method: str, path: str, handler: Handler, **kwargs) -> None:
-        self._routes.setdefault(path, {})[method] = Route(method, path, handler, **kwargs)
+    def add(self, method: str, path: str, handler: Handler, *, head: bool = False,
+            **kwargs) -> None:
+        """head=True (GET routes): HEAD runs the GET handler and answers without the body."""
+        route = Route(method, path, handler, **kwargs)
+        by_method = self._routes.setdefault(path, {})
+        by_method[method] = route
+        if head and method == "GET":
+            by_method["HEAD"] = route
 
     def match(self, method: str, path: str) -> tuple[Route | None, list[str]]:
         """The route, or None and the allowed methods ([] for an unknown path)."""
@@ -186,7 +192,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes, content_type: str = JSON_TYPE,
               extra: dict | None = None) -> None:
         self._status = status
-        self.wfile.write(_encode(status, body, content_type, self.close_connection, extra))
+        data = _encode(status, body, content_type, self.close_connection, extra)
+        if self.command == "HEAD" and body:  # the GET answer's headers, never its body
+            data = data[:len(data) - len(body)]
+        self.wfile.write(data)
 
     def _send_internal_error(self) -> None:
         try:

@@ -68,11 +68,15 @@ args=(
     --silent --show-error --fail-with-body
     --max-time 30
     --globoff --path-as-is
-    -X "$method"
     -H "X-Enclave-Timestamp: $timestamp"
     -H "X-Enclave-Nonce: $nonce"
     -H "X-Enclave-Signature: v1=$signature"
 )
+if [[ "$method" == "HEAD" ]]; then
+    args+=(--head)  # -X HEAD would make curl wait for a body that HEAD answers never carry
+else
+    args+=(-X "$method")
+fi
 if [[ "$method" != "GET" && "$method" != "HEAD" ]]; then
     args+=(-H "Content-Type: application/json" --data-binary "@$body_file")
 fi

@@ -2,15 +2,24 @@
 
 import http.client
 import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import unittest
+from pathlib import Path
 
+from enclave.app import Runtime
+from enclave.config import Settings
 from enclave.errors import ApiError
+from enclave.metrics import Metrics
 from enclave.server import HttpServer, RequestHandler, Router
 from tests.support import (LOOPBACK_ANY_PORT, captured_logs, http_call, parse_raw_response,
-                           raw_exchange, running_server)
+                           raw_exchange, running_server, scan_later)
+
+RPC_SH = Path(__file__).resolve().parent.parent / "scripts" / "rpc.sh"
 
 
 def make_router(gate: threading.Event | None = None, entered: threading.Event | None = None):
@@ -318,6 +327,58 @@ class Targets(unittest.TestCase):
         self.assertEqual(headers.get("connection"), "close")
         self.assertNotIn(b"secret internal detail", data)
         self.assertIn("Traceback", logs.getvalue())  # logged, not sent
+
+
+class Head(unittest.TestCase):
+    """HEAD /healthz answers as GET does, without the body, and the connection stays usable."""
+
+    def setUp(self):
+        runtime = Runtime(Settings(), metrics=Metrics())  # no secrets: ?ready=1 answers 503
+        ctx = running_server(runtime.router())
+        self.server = ctx.__enter__()
+        self.addCleanup(ctx.__exit__, None, None, None)
+
+    def test_head_answers_like_get_without_a_body(self):
+        cases = [("health", "/healthz", 200), ("not ready", "/healthz?ready=1", 503),
+                 ("unknown path", "/nope", 404)]
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as sock:
+            for name, target, status in cases:
+                with self.subTest(name):
+                    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    get_status, get_headers, get_body = parse_raw_response(read_response(sock))
+                    self.assertEqual(get_status, status)
+                    sock.sendall(f"HEAD {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = sock.recv(65536)
+                        self.assertTrue(chunk, "the connection was closed")
+                        data += chunk
+                    head_status, head_headers, rest = parse_raw_response(data)
+                    self.assertEqual(rest, b"")  # no body bytes
+                    self.assertEqual(head_status, status)
+                    self.assertEqual(int(head_headers["content-length"]), len(get_body))
+                    self.assertEqual(head_headers["content-type"], get_headers["content-type"])
+                    self.assertNotIn("connection", head_headers)
+                    # keep-alive: the next answer on this connection starts where the head ended
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    next_status, _, body = parse_raw_response(read_response(sock))
+                    self.assertEqual(next_status, 200)
+                    self.assertEqual(json.loads(body)["status"], "degraded")
+
+    @unittest.skipUnless(shutil.which("openssl") and shutil.which("curl") and shutil.which("bash"),
+                         "needs bash, openssl and curl")
+    def test_rpc_sh_head_does_not_wait_for_a_body(self):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ENCLAVE_")}
+        env["ENCLAVE_RUNTIME_BASE_URL"] = f"http://127.0.0.1:{self.server.port}"
+        result = subprocess.run(["bash", str(RPC_SH), "HEAD", "/healthz"], env=env,
+                                capture_output=True, text=True, timeout=10)  # curl waits 30 s
+        scan_later(result.stderr, "rpc.sh stderr")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("HTTP/1.1 200"), result.stdout)
+
+    def test_other_methods_still_list_get_and_head(self):
+        status, headers, _ = http_call(self.server.port, "DELETE", "/healthz")
+        self.assertEqual((status, headers["Allow"]), (405, "GET, HEAD"))
 
 
 class Limits(unittest.TestCase):
