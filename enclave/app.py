@@ -30,6 +30,7 @@ class Runtime:
         self.closers = list(closers)  # release pooled connections and devices on stop
         self.started = time.monotonic()
         self._health_cache = None  # (key, status, body, state); replaced whole, never mutated
+        metrics.describe("enclave_uptime_seconds", "gauge", "Seconds since the runtime started")
         metrics.gauge_fn("enclave_uptime_seconds", lambda: time.monotonic() - self.started)
 
     # -- /healthz -----------------------------------------------------------------------

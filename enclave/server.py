@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 
 from .addresses import Address
 from .errors import ApiError
-from .metrics import Metrics
+from .metrics import HTTP_REQUEST_BUCKETS_SECONDS, Metrics
 from .request import Headers, Request, target_problem
 from .rpcauth import AuthError
 
@@ -95,6 +95,7 @@ class Router:
         return route, sorted(by_method)
 
 
+_ONE = (1.0,)
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}  # HTTPStatus(n) costs an enum lookup
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, reused
 
@@ -525,10 +526,13 @@ class HttpServer(PromptShutdownMixin, socketserver.ThreadingMixIn, socketserver.
             "timeout": idle_timeout, "head_deadline": head_deadline, "body_deadline": body_deadline})
         self.metrics.describe("enclave_http_requests_total", "counter",
                               "HTTP requests by method, route and status")
-        self.metrics.describe("enclave_http_request_seconds", "summary",
-                              "HTTP request handling time by route")
+        self.metrics.describe("enclave_http_request_seconds", "histogram",
+                              "HTTP request handling time by route",
+                              buckets=HTTP_REQUEST_BUCKETS_SECONDS)
         self.metrics.describe("enclave_http_connections_rejected_total", "counter",
                               "connections refused at the connection cap")
+        self.metrics.describe("enclave_http_connections_open", "gauge",
+                              "HTTP connections open now")
         self.metrics.gauge_fn("enclave_http_connections_open", lambda: len(self._connections))
         super().__init__(address.sockaddr, handler, bind_and_activate=False)
         try:
@@ -573,17 +577,16 @@ class HttpServer(PromptShutdownMixin, socketserver.ThreadingMixIn, socketserver.
 
     # -- metrics and drain ---------------------------------------------------------------
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        keys = self._record_keys.get((method, route, status))
-        if keys is None:
+        cached = self._record_keys.get((method, route, status))
+        if cached is None:
             label = method if method in KNOWN_METHODS else "OTHER"  # clients choose methods
-            keys = self.metrics.series_keys((
+            cached = (self.metrics.series_keys((
                 ("enclave_http_requests_total",
-                 {"method": label, "route": route, "status": str(status)}),
-                ("enclave_http_request_seconds_count", {"route": route}),
-                ("enclave_http_request_seconds_sum", {"route": route})))
+                 {"method": label, "route": route, "status": str(status)}),)),
+                self.metrics.histogram("enclave_http_request_seconds", {"route": route}))
             if len(self._record_keys) < MAX_RECORD_KEYS:
-                self._record_keys[(method, route, status)] = keys
-        self.metrics.add_keyed(keys, (1.0, 1.0, seconds))
+                self._record_keys[(method, route, status)] = cached
+        self.metrics.add_keyed(cached[0], _ONE, cached[1], seconds)
 
     def drain(self, timeout: float = DRAIN_SECONDS) -> bool:
         """Stop accepting, let in-flight requests finish (bounded), then close idle connections."""
