@@ -1,4 +1,5 @@
-"""The request object handed to route handlers (the server builds it; handlers only read it)."""
+"""The request handed to route handlers (the server builds it; handlers only read it), and
+the request-target rule that the server, `sign` and scripts/rpc.sh share."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Built on socketserver and http.server. Limits: idle timeout per connection, a cap on
 concurrent connections (the one beyond answers 503 and is closed), body limits, and a
-graceful drain on shutdown. Handlers never leak tracebacks to clients.
+graceful drain on shutdown that returns at once. Targets are origin-form ASCII (else 400
+invalid_target). Every error answers JSON; tracebacks go to the log, never to clients.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ a leading `//` is refused by all three (400 invalid_target; exit 2; exit 2), so 
 signed that the server would not authenticate exactly as sent.
 """
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -14,6 +17,7 @@ import time
 import unittest
 from pathlib import Path
 
+from enclave import cmd_sign
 from enclave.rpcauth import RpcAuthenticator, new_nonce, sign_request
 from enclave.server import Router
 from tests.support import (parse_raw_response, raw_exchange, remember_secret, running_server,
@@ -73,29 +77,43 @@ class TargetsAgree(unittest.TestCase):
                     self.assertEqual((status, json.loads(body)["error"]["code"]),
                                      (400, "invalid_target"))
 
-    def sign(self, target: str | bytes) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ENCLAVE_")}
-        env["ENCLAVE_RPC_SHARED_SECRET"] = SECRET
-        result = subprocess.run([sys.executable, str(ROOT / "enclave.py"), "sign", "POST", target],
-                                env=env, capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS,
-                                cwd=ROOT)
-        scan_later(result.stderr, "sign stderr")
-        return result
+    def sign(self, target: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cmd_sign.run(argparse.Namespace(
+                method="POST", target=target, body_file=None, secret=None, timestamp=None,
+                nonce=None), {"ENCLAVE_RPC_SHARED_SECRET": SECRET})
+        scan_later(err.getvalue(), "sign stderr")
+        return code, out.getvalue(), err.getvalue()
 
     def test_the_sign_command(self):
-        cases = [(name, target, accepted) for name, target, accepted in CASES]
-        cases.append(("invalid UTF-8 in argv", b"/v1/rpc/echo?q=\xe9", False))
+        cases = list(CASES)
+        # bytes that are not UTF-8 reach argv as surrogates (surrogateescape)
+        cases.append(("invalid UTF-8 in argv", "/v1/rpc/echo?q=\udce9", False))
         for name, target, accepted in cases:
             with self.subTest(name):
-                result = self.sign(target)
+                code, out, err = self.sign(target)
                 if accepted:
-                    self.assertEqual(result.returncode, 0, result.stderr)
-                    self.assertIn(b"X-Enclave-Signature: v1=", result.stdout)
+                    self.assertEqual(code, 0, err)
+                    self.assertIn("X-Enclave-Signature: v1=", out)
                 else:
-                    self.assertEqual((result.returncode, result.stdout), (2, b""))
-                    self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
-                    self.assertNotIn(b"Traceback", result.stderr)
-                    self.assertIn(b"TARGET", result.stderr)
+                    self.assertEqual((code, out), (2, ""))
+                    self.assertEqual(len(err.splitlines()), 1, err)
+                    self.assertIn("TARGET", err)
+
+    def test_the_sign_command_line(self):
+        """The real entry point: exit 2, one line, no traceback, for raw and invalid UTF-8."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ENCLAVE_")}
+        env["ENCLAVE_RPC_SHARED_SECRET"] = SECRET
+        for target in ("/v1/rpc/echo?q=\u00e9t\u00e9".encode(), b"/v1/rpc/echo?q=\xe9"):
+            with self.subTest(target=target):
+                result = subprocess.run([sys.executable, str(ROOT / "enclave.py"), "sign", "POST",
+                                         target], env=env, capture_output=True, cwd=ROOT,
+                                        timeout=COMMAND_TIMEOUT_SECONDS)
+                scan_later(result.stderr, "sign stderr")
+                self.assertEqual((result.returncode, result.stdout), (2, b""))
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertNotIn(b"Traceback", result.stderr)
 
     @unittest.skipUnless(shutil.which("openssl") and shutil.which("curl") and shutil.which("bash"),
                          "needs bash, openssl and curl")
