@@ -5,7 +5,6 @@ import io
 import json
 import logging
 import re
-import socket
 import unittest
 
 from enclave.logs import setup_logging
