@@ -21,20 +21,22 @@ ESCAPED = "a\\rb\\nc\\x1b[2Jd\\x07e\\x00f\\x7fg\\x85h\\x9bi\\u2028j\\tk"
 
 @contextlib.contextmanager
 def runtime_log(fmt: str):
-    """The runtime's own handler (setup_logging) on the root logger, beside the suite log."""
+    """The runtime's own set-up (setup_logging) on the root logger while the block runs.
+
+    It replaces the suite log's handler for that time, so the hostile records written here do
+    not reach the suite log raw (they carry no secret); the handler is put back afterwards.
+    """
     root = logging.getLogger()
     saved, level = list(root.handlers), root.level
     stream = io.StringIO()
     setup_logging(fmt, "DEBUG", stream)
-    ours = [h for h in root.handlers if h not in saved]
-    for handler in saved:  # setup_logging replaced them; the suite log must see every record
-        if handler not in root.handlers:
-            root.addHandler(handler)
     try:
         yield stream
     finally:
-        for handler in ours:
+        for handler in list(root.handlers):
             root.removeHandler(handler)
+        for handler in saved:
+            root.addHandler(handler)
         root.setLevel(level)
 
 
