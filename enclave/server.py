@@ -481,7 +481,7 @@ class PromptShutdownMixin:
         try:
             while self._wake_r.recv(64):
                 pass
-        except (BlockingIOError, OSError):
+        except OSError:  # BlockingIOError: nothing left to read
             pass
 
     def shutdown(self):
