@@ -30,6 +30,7 @@ class Runtime:
         self.closers = list(closers)  # release pooled connections and devices on stop
         self.started = time.monotonic()
         self._health_cache = None  # (key, status, body, state); replaced whole, never mutated
+        metrics.describe("enclave_uptime_seconds", "gauge", "Seconds since the runtime started")
         metrics.gauge_fn("enclave_uptime_seconds", lambda: time.monotonic() - self.started)
 
     # -- /healthz -----------------------------------------------------------------------
@@ -88,7 +89,7 @@ class Runtime:
     # -- routes --------------------------------------------------------------------------
     def router(self) -> Router:
         r = Router()
-        r.add("GET", "/healthz", self.healthz, raw=True)
+        r.add("GET", "/healthz", self.healthz, raw=True, head=True)
         r.add("GET", "/metrics", self.metrics_text, raw=True)
         if self.attestation:
             r.add("GET", "/v1/attestation/document", self.attestation.document)

@@ -95,7 +95,7 @@ class GoogleOAuth:
         self._metrics = metrics
         self._timeout_s = timeout_s  # None: the client's deadline (10 s)
         if metrics is not None:
-            metrics.describe(UPSTREAM_SECONDS, "summary", "Latency of upstream calls, by upstream")
+            metrics.describe(UPSTREAM_SECONDS, "histogram", "Latency of upstream calls, by upstream")
             metrics.describe(OUTCOME_METRIC, "counter",
                              "Google OAuth operations, by operation and outcome")
 

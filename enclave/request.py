@@ -1,11 +1,35 @@
-"""The request object handed to route handlers (the server builds it; handlers only read it)."""
+"""The request handed to route handlers (the server builds it; handlers only read it), and
+the request-target rule that the server, `sign` and scripts/rpc.sh share."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from .errors import ApiError
+
+# A request target is origin-form ASCII (RFC 9112 3.2.1): clients percent-encode anything else.
+# Refused: anything outside visible ASCII (controls, space, DEL, non-ASCII) and a fragment.
+_REFUSED_TARGET_CHAR = re.compile(r"[^\x21-\x7e]|#")
+
+
+def target_problem(target: str) -> str | None:
+    """Why an origin-form target (it starts with "/") is refused, or None when it is accepted.
+
+    The server answers 400 invalid_target; `sign` and scripts/rpc.sh refuse the same targets,
+    so a signature is only ever made over bytes the server will authenticate as sent.
+    """
+    if target.startswith("//"):
+        return "the request target must not start with //"
+    bad = _REFUSED_TARGET_CHAR.search(target)
+    if bad is None:
+        return None
+    if bad.group() == "#":
+        return "the request target must not carry a fragment (#)"
+    if bad.group() > "\x7f":
+        return "the request target must be ASCII: percent-encode other characters"
+    return "the request target must not contain spaces or control characters"
 
 
 class Headers:

@@ -2,7 +2,8 @@
 
 Built on socketserver and http.server. Limits: idle timeout per connection, a cap on
 concurrent connections (the one beyond answers 503 and is closed), body limits, and a
-graceful drain on shutdown. Handlers never leak tracebacks to clients.
+graceful drain on shutdown that returns at once. Targets are origin-form ASCII (else 400
+invalid_target). Every error answers JSON; tracebacks go to the log, never to clients.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import json
 import logging
 import re
+import selectors
 import socket
 import socketserver
 import threading
@@ -19,12 +21,12 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from .addresses import Address
 from .errors import ApiError
-from .metrics import Metrics
-from .request import Headers, Request
+from .metrics import HTTP_REQUEST_BUCKETS_SECONDS, Metrics
+from .request import Headers, Request, target_problem
 from .rpcauth import AuthError
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,14 @@ class Router:
     def __init__(self):
         self._routes: dict[str, dict[str, Route]] = {}
 
-    def add(self, method: str, path: str, handler: Handler, **kwargs) -> None:
-        self._routes.setdefault(path, {})[method] = Route(method, path, handler, **kwargs)
+    def add(self, method: str, path: str, handler: Handler, *, head: bool = False,
+            **kwargs) -> None:
+        """head=True (GET routes): HEAD runs the GET handler and answers without the body."""
+        route = Route(method, path, handler, **kwargs)
+        by_method = self._routes.setdefault(path, {})
+        by_method[method] = route
+        if head and method == "GET":
+            by_method["HEAD"] = route
 
     def match(self, method: str, path: str) -> tuple[Route | None, list[str]]:
         """The route, or None and the allowed methods ([] for an unknown path)."""
@@ -88,6 +96,7 @@ class Router:
         return route, sorted(by_method)
 
 
+_ONE = (1.0,)
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}  # HTTPStatus(n) costs an enum lookup
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, reused
 
@@ -185,7 +194,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes, content_type: str = JSON_TYPE,
               extra: dict | None = None) -> None:
         self._status = status
-        self.wfile.write(_encode(status, body, content_type, self.close_connection, extra))
+        data = _encode(status, body, content_type, self.close_connection, extra)
+        if self.command == "HEAD" and body:  # the GET answer's headers, never its body
+            data = data[:len(data) - len(body)]
+        self.wfile.write(data)
+
+    def _send_internal_error(self) -> None:
+        try:
+            self._send(500, error_body("internal_error", "internal error"))
+        except OSError:
+            pass
 
     def send_json(self, status: int, value, extra: dict | None = None) -> None:
         self._send(status, json_bytes(value), JSON_TYPE, extra)
@@ -219,6 +237,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, OSError):
             self.close_connection = True
             return
+        except Exception:  # a bug while parsing: answer, never drop the connection
+            log.exception("error while reading a request head")
+            self.close_connection = True
+            self._send_internal_error()
+            return
         self._reader.clear_deadline()
         if self.server.draining:
             self.close_connection = True
@@ -229,6 +252,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             label = self._dispatch()
         except (TimeoutError, ConnectionError, BrokenPipeError):
             self.close_connection = True
+        except Exception:  # a bug outside the handler: answer, never drop the connection
+            log.exception("error while dispatching %s", self.command)
+            self.close_connection = True
+            if not self._status:  # nothing was sent yet
+                self._send_internal_error()
         finally:
             self.busy = False
             if self._status:
@@ -247,6 +275,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest(400, "bad_request", "malformed request line")
         if not _TOKEN.fullmatch(method) or not target.startswith("/"):
             raise BadRequest(400, "bad_request", "malformed request line")
+        problem = target_problem(target)
+        if problem is not None:
+            raise BadRequest(400, "invalid_target", problem)
         self.command, self.path, self.request_version = method, target, version
         self.requestline = f"{method} {target} {version}"
         items = []
@@ -282,12 +313,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self) -> str:
         self._body_consumed = True
-        target = self.path
-        if "?" in target or "#" in target:
-            split = urlsplit(target)
-            path, query = split.path, parse_qs(split.query)
-        else:
-            path, query = target, {}
+        target = self.path  # origin-form, checked by _parse_head: no "#", no "//" prefix
+        path, has_query, query_text = target.partition("?")
+        query = parse_qs(query_text) if has_query else {}
         route, allowed = self.server.router.match(self.command, path)
         if route is None:
             self._discard_body()
@@ -410,7 +438,69 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         request.authenticated = True
 
 
-class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+class PromptShutdownMixin:
+    """serve_forever() that shutdown() wakes at once.
+
+    socketserver's loop polls for a shutdown request every 0.5 s, so every stop waits up to
+    that long. Here the loop also watches one end of a socketpair; shutdown() writes a byte to
+    the other end. Put the mixin first in the bases of a socketserver server class.
+    """
+
+    _wake_r = _wake_w = None
+    _stop_requested = False
+    _loop_stopped: threading.Event | None = None
+
+    def server_activate(self):
+        super().server_activate()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._loop_stopped = threading.Event()  # unset until a loop has run and ended
+
+    def serve_forever(self, poll_interval=None):  # poll_interval: unused, there is no poll
+        self._loop_stopped.clear()
+        try:
+            with selectors.PollSelector() as selector:  # as socketserver's own selector
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stop_requested:
+                    ready = selector.select()
+                    if self._stop_requested:
+                        break
+                    for key, _ in ready:
+                        if key.fileobj is self:
+                            self._handle_request_noblock()
+                        else:
+                            self._drain_wakeups()
+                    self.service_actions()
+        finally:
+            self._stop_requested = False
+            self._drain_wakeups()
+            self._loop_stopped.set()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:  # BlockingIOError: nothing left to read
+            pass
+
+    def shutdown(self):
+        """Stop serve_forever and wait for it (like socketserver: call it from another thread)."""
+        self._stop_requested = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # closed, or a full buffer: the loop is awake already
+            pass
+        self._loop_stopped.wait()
+
+    def server_close(self):
+        super().server_close()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+
+
+class HttpServer(PromptShutdownMixin, socketserver.ThreadingMixIn, socketserver.TCPServer):
     """ThreadingHTTPServer with a connection cap, TCP_NODELAY, metrics and a graceful drain."""
 
     daemon_threads = True
@@ -437,10 +527,13 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             "timeout": idle_timeout, "head_deadline": head_deadline, "body_deadline": body_deadline})
         self.metrics.describe("enclave_http_requests_total", "counter",
                               "HTTP requests by method, route and status")
-        self.metrics.describe("enclave_http_request_seconds", "summary",
-                              "HTTP request handling time by route")
+        self.metrics.describe("enclave_http_request_seconds", "histogram",
+                              "HTTP request handling time by route",
+                              buckets=HTTP_REQUEST_BUCKETS_SECONDS)
         self.metrics.describe("enclave_http_connections_rejected_total", "counter",
                               "connections refused at the connection cap")
+        self.metrics.describe("enclave_http_connections_open", "gauge",
+                              "HTTP connections open now")
         self.metrics.gauge_fn("enclave_http_connections_open", lambda: len(self._connections))
         super().__init__(address.sockaddr, handler, bind_and_activate=False)
         try:
@@ -485,17 +578,16 @@ class HttpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     # -- metrics and drain ---------------------------------------------------------------
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        keys = self._record_keys.get((method, route, status))
-        if keys is None:
+        cached = self._record_keys.get((method, route, status))
+        if cached is None:
             label = method if method in KNOWN_METHODS else "OTHER"  # clients choose methods
-            keys = self.metrics.series_keys((
+            cached = (self.metrics.series_keys((
                 ("enclave_http_requests_total",
-                 {"method": label, "route": route, "status": str(status)}),
-                ("enclave_http_request_seconds_count", {"route": route}),
-                ("enclave_http_request_seconds_sum", {"route": route})))
+                 {"method": label, "route": route, "status": str(status)}),)),
+                self.metrics.histogram("enclave_http_request_seconds", {"route": route}))
             if len(self._record_keys) < MAX_RECORD_KEYS:
-                self._record_keys[(method, route, status)] = keys
-        self.metrics.add_keyed(keys, (1.0, 1.0, seconds))
+                self._record_keys[(method, route, status)] = cached
+        self.metrics.add_keyed(cached[0], _ONE, cached[1], seconds)
 
     def drain(self, timeout: float = DRAIN_SECONDS) -> bool:
         """Stop accepting, let in-flight requests finish (bounded), then close idle connections."""

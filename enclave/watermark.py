@@ -48,7 +48,7 @@ class WatermarkService:
         self._client: OutboundClient | None = None
         metrics.describe("enclave_watermark_requests_total", "counter",
                          "watermark RPCs by outcome")
-        metrics.describe(UPSTREAM_SECONDS, "summary", "Latency of upstream calls, by upstream")
+        metrics.describe(UPSTREAM_SECONDS, "histogram", "Latency of upstream calls, by upstream")
 
     def _client_for(self, snapshot):
         """(pool, snapshot) for the newest context; an older pool is retired, never reused.

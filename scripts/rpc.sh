@@ -5,6 +5,8 @@
 #   scripts/rpc.sh POST /v1/rpc/watermark @request.json
 #
 # BODY is sent byte for byte (a leading @ names a file); the signature covers exactly those bytes.
+# PATH is sent as given and must be what the server accepts (else it answers 400 invalid_target):
+# ASCII (percent-encode anything else), no spaces, control characters or '#', not starting //.
 # Environment: ENCLAVE_RUNTIME_BASE_URL (default http://127.0.0.1:8181),
 #              ENCLAVE_RPC_SHARED_SECRET (default: the local development secret).
 # Prints the answer body; exits non-zero when the request fails or the answer is HTTP >= 400.
@@ -22,6 +24,16 @@ method=$1
 target=$2
 [[ "$method" =~ ^[A-Z]{1,16}$ ]] || { echo "rpc.sh: METHOD must be upper case, e.g. POST" >&2; exit 2; }
 [[ "$target" == /* ]] || { echo "rpc.sh: PATH must start with / (path and query as sent)" >&2; exit 2; }
+
+target_ok() {
+    local LC_ALL=C  # byte-wise classes: any byte >= 0x80 is outside [:graph:]
+    [[ "$1" != //* && "$1" != *[![:graph:]]* && "$1" != *'#'* ]]
+}
+target_ok "$target" || {
+    echo "rpc.sh: PATH must be ASCII (percent-encode anything else), without spaces, control" \
+         "characters or '#', and must not start with //" >&2
+    exit 2
+}
 
 base_url=${ENCLAVE_RUNTIME_BASE_URL:-http://127.0.0.1:8181}
 base_url=${base_url%/}
@@ -56,11 +68,15 @@ args=(
     --silent --show-error --fail-with-body
     --max-time 30
     --globoff --path-as-is
-    -X "$method"
     -H "X-Enclave-Timestamp: $timestamp"
     -H "X-Enclave-Nonce: $nonce"
     -H "X-Enclave-Signature: v1=$signature"
 )
+if [[ "$method" == "HEAD" ]]; then
+    args+=(--head)  # -X HEAD would make curl wait for a body that HEAD answers never carry
+else
+    args+=(-X "$method")
+fi
 if [[ "$method" != "GET" && "$method" != "HEAD" ]]; then
     args+=(-H "Content-Type: application/json" --data-binary "@$body_file")
 fi

@@ -2,15 +2,24 @@
 
 import http.client
 import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import unittest
+from pathlib import Path
 
+from enclave.app import Runtime
+from enclave.config import Settings
 from enclave.errors import ApiError
+from enclave.metrics import Metrics
 from enclave.server import HttpServer, RequestHandler, Router
 from tests.support import (LOOPBACK_ANY_PORT, captured_logs, http_call, parse_raw_response,
-                           raw_exchange, running_server)
+                           raw_exchange, running_server, scan_later)
+
+RPC_SH = Path(__file__).resolve().parent.parent / "scripts" / "rpc.sh"
 
 
 def make_router(gate: threading.Event | None = None, entered: threading.Event | None = None):
@@ -33,6 +42,38 @@ def make_router(gate: threading.Event | None = None, entered: threading.Event | 
     router.add("GET", "/refuse", refuse)
     router.add("GET", "/slow", slow)
     return router
+
+
+WAIT_SECONDS = 5.0  # every wait on a condition gives up after this
+POLL_SECONDS = 0.005
+DRIP_SECONDS = 0.3  # a dripping client's pace: each drip inside the tests' 0.5 s idle timeout
+
+
+def wait_until(predicate, timeout: float = WAIT_SECONDS) -> bool:
+    """Poll a condition (bounded); True once it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole answer (head and Content-Length bytes of body) from a keep-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    _, headers, body = parse_raw_response(data)
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" + body
 
 
 def post(port, body: bytes, headers: dict) -> bytes:
@@ -181,8 +222,7 @@ class Answers(unittest.TestCase):
                          b"Content-Length: 8\r\nExpect: 100-continue\r\n\r\n")
             self.assertEqual(sock.recv(4096), b"HTTP/1.1 100 Continue\r\n\r\n")
             sock.sendall(b'{"a": 1}')
-            time.sleep(0.1)
-            status, _, body = parse_raw_response(sock.recv(65536))
+            status, _, body = parse_raw_response(read_response(sock))
         self.assertEqual((status, json.loads(body)), (200, {"echo": {"a": 1}}))
 
     def test_clients_cannot_fill_the_metrics_with_invented_methods(self):
@@ -190,10 +230,8 @@ class Answers(unittest.TestCase):
             raw_exchange(self.port, f"M{i} /healthz HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
         http_call(self.port, "GET", "/healthz")
         m = self.server.metrics
-        deadline = time.monotonic() + 5
         labels = {"method": "GET", "route": "/healthz", "status": "200"}
-        while time.monotonic() < deadline and not m.value("enclave_http_requests_total", labels):
-            time.sleep(0.01)
+        wait_until(lambda: m.value("enclave_http_requests_total", labels))
         self.assertEqual(m.value("enclave_http_requests_total", labels), 1)
         self.assertGreater(m.value("enclave_http_requests_total",
                                    {"method": "OTHER", "route": "/healthz", "status": "405"}), 0)
@@ -205,15 +243,142 @@ class Answers(unittest.TestCase):
         # the server records a request just after its answer is written: wait for it (bounded)
         ok = {"method": "GET", "route": "/healthz", "status": "200"}
         missing = {"method": "GET", "route": "unmatched", "status": "404"}
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (
-                m.value("enclave_http_requests_total", ok)
-                and m.value("enclave_http_requests_total", missing)):
-            time.sleep(0.01)
+        wait_until(lambda: m.value("enclave_http_requests_total", ok)
+                   and m.value("enclave_http_requests_total", missing))
         self.assertEqual(m.value("enclave_http_requests_total",
                                  {"method": "GET", "route": "/healthz", "status": "200"}), 1)
         self.assertEqual(m.value("enclave_http_requests_total",
                                  {"method": "GET", "route": "unmatched", "status": "404"}), 1)
+
+
+class Targets(unittest.TestCase):
+    """Origin-form targets are split by the server itself; anything else is refused with 400."""
+
+    def setUp(self):
+        ctx = running_server(make_router())
+        self.server = ctx.__enter__()
+        self.addCleanup(ctx.__exit__, None, None, None)
+
+    def get(self, target: bytes) -> tuple[int, dict, bytes]:
+        data = raw_exchange(self.server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                            b"Connection: close\r\n\r\n")
+        self.assertTrue(data, "the connection was dropped without an answer")
+        return parse_raw_response(data)
+
+    def test_refused_targets_answer_400_invalid_target(self):
+        cases = [
+            ("authority-like //, urlsplit raised on it", b"//[?x"),
+            ("authority-like //, with a query", b"//x/healthz?q"),
+            ("authority-like //", b"//x/healthz"),
+            ("a lone //", b"//"),
+            ("fragment", b"/healthz#frag"),
+            ("fragment after a query", b"/healthz?a#b"),
+            ("NUL", b"/heal\x00thz"),
+            ("SOH", b"/heal\x01thz"),
+            ("bare CR", b"/healthz\rX"),
+            ("ESC and BEL", b"/healthz\x1b[31m\x07"),
+            ("TAB", b"/healthz\tx"),
+            ("DEL", b"/healthz?\x7f"),
+            ("raw UTF-8", "/healthz?q=\u00e9t\u00e9".encode("utf-8")),
+            ("C1 control", b"/healthz\x85"),
+            ("latin-1 byte", b"/healthz?q=\xe9"),
+        ]
+        for name, target in cases:
+            with self.subTest(name), captured_logs() as logs:
+                status, headers, body = self.get(target)
+                self.assertEqual(status, 400)
+                self.assertEqual(headers["content-type"], "application/json")
+                self.assertEqual(json.loads(body)["error"]["code"], "invalid_target")
+                self.assertNotIn("Traceback", logs.getvalue())
+
+    def test_accepted_targets_are_split_at_the_first_question_mark(self):
+        cases = [
+            ("plain", b"/healthz", 200),
+            ("empty query", b"/healthz?", 200),
+            ("query", b"/healthz?q", 200),
+            ("percent-encoded UTF-8", b"/healthz?q=%C3%A9t%C3%A9", 200),
+            ("slashes and a question mark in the query", b"/healthz?next=//x/y?z", 200),
+            ("unknown path with a query", b"/nope?x", 404),
+            ("a path that only ends like a route", b"/x/healthz", 404),
+        ]
+        for name, target, status in cases:
+            with self.subTest(name):
+                self.assertEqual(self.get(target)[0], status)
+
+    def test_the_query_reaches_the_handler_parsed(self):
+        seen = []
+        router = Router()
+        router.add("GET", "/q", lambda req: (seen.append((req.target, req.path, req.query)),
+                                             (200, {}))[1])
+        with running_server(router) as server:
+            self.assertEqual(http_call(server.port, "GET", "/q?a=1&a=2&b=%C3%A9&c")[0], 200)
+        self.assertEqual(seen, [("/q?a=1&a=2&b=%C3%A9&c", "/q", {"a": ["1", "2"], "b": ["\u00e9"]})])
+
+    def test_an_exception_outside_the_handler_answers_500_not_a_dropped_connection(self):
+        class BrokenRouter(Router):
+            def match(self, method, path):
+                raise RuntimeError("secret internal detail")
+
+        with running_server(BrokenRouter()) as server, captured_logs() as logs:
+            data = raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(data, "the connection was dropped without an answer")
+        status, headers, body = parse_raw_response(data)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (500, "internal_error"))
+        self.assertEqual(headers.get("connection"), "close")
+        self.assertNotIn(b"secret internal detail", data)
+        self.assertIn("Traceback", logs.getvalue())  # logged, not sent
+
+
+class Head(unittest.TestCase):
+    """HEAD /healthz answers as GET does, without the body, and the connection stays usable."""
+
+    def setUp(self):
+        runtime = Runtime(Settings(), metrics=Metrics())  # no secrets: ?ready=1 answers 503
+        ctx = running_server(runtime.router())
+        self.server = ctx.__enter__()
+        self.addCleanup(ctx.__exit__, None, None, None)
+
+    def test_head_answers_like_get_without_a_body(self):
+        cases = [("health", "/healthz", 200), ("not ready", "/healthz?ready=1", 503),
+                 ("unknown path", "/nope", 404)]
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as sock:
+            for name, target, status in cases:
+                with self.subTest(name):
+                    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    get_status, get_headers, get_body = parse_raw_response(read_response(sock))
+                    self.assertEqual(get_status, status)
+                    sock.sendall(f"HEAD {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = sock.recv(65536)
+                        self.assertTrue(chunk, "the connection was closed")
+                        data += chunk
+                    head_status, head_headers, rest = parse_raw_response(data)
+                    self.assertEqual(rest, b"")  # no body bytes
+                    self.assertEqual(head_status, status)
+                    self.assertEqual(int(head_headers["content-length"]), len(get_body))
+                    self.assertEqual(head_headers["content-type"], get_headers["content-type"])
+                    self.assertNotIn("connection", head_headers)
+                    # keep-alive: the next answer on this connection starts where the head ended
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    next_status, _, body = parse_raw_response(read_response(sock))
+                    self.assertEqual(next_status, 200)
+                    self.assertEqual(json.loads(body)["status"], "degraded")
+
+    @unittest.skipUnless(shutil.which("openssl") and shutil.which("curl") and shutil.which("bash"),
+                         "needs bash, openssl and curl")
+    def test_rpc_sh_head_does_not_wait_for_a_body(self):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ENCLAVE_")}
+        env["ENCLAVE_RUNTIME_BASE_URL"] = f"http://127.0.0.1:{self.server.port}"
+        result = subprocess.run(["bash", str(RPC_SH), "HEAD", "/healthz"], env=env,
+                                capture_output=True, text=True, timeout=10)  # curl waits 30 s
+        scan_later(result.stderr, "rpc.sh stderr")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("HTTP/1.1 200"), result.stdout)
+
+    def test_other_methods_still_list_get_and_head(self):
+        status, headers, _ = http_call(self.server.port, "DELETE", "/healthz")
+        self.assertEqual((status, headers["Allow"]), (405, "GET, HEAD"))
 
 
 class Limits(unittest.TestCase):
@@ -236,21 +401,23 @@ class Limits(unittest.TestCase):
                 with self.subTest(name):
                     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
                         sock.sendall(start)
+                        sock.settimeout(DRIP_SECONDS)
                         began, closed = time.monotonic(), False
-                        while time.monotonic() - began < 8:  # bounded: 20 drips at most
-                            time.sleep(0.3)  # each drip inside the idle timeout
-                            try:
-                                sock.sendall(drip)
-                            except OSError:
-                                closed = True
-                                break
-                            sock.settimeout(0.01)
-                            try:
+                        while time.monotonic() - began < 8:  # bounded: 27 drips at most
+                            try:  # wait for the close, at most one drip interval
                                 if sock.recv(1) == b"":
                                     closed = True
                                     break
                             except socket.timeout:
                                 pass
+                            except OSError:
+                                closed = True
+                                break
+                            try:
+                                sock.sendall(drip)
+                            except OSError:
+                                closed = True
+                                break
                         self.assertTrue(closed, "the dripping connection was never closed")
                         self.assertLess(time.monotonic() - began, 5)
 
@@ -272,13 +439,8 @@ class Limits(unittest.TestCase):
                 self.assertIn(b"200 OK", holders[0].recv(65536))
                 # a freed slot is taken by a new client
                 holders.pop().close()
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:
-                    status, _, _ = http_call(server.port, "GET", "/healthz")
-                    if status == 200:
-                        break
-                    time.sleep(0.05)
-                self.assertEqual(status, 200)
+                self.assertTrue(wait_until(
+                    lambda: http_call(server.port, "GET", "/healthz")[0] == 200))
             finally:
                 for sock in holders:
                     sock.close()
@@ -295,8 +457,11 @@ class Limits(unittest.TestCase):
         t = threading.Thread(target=client)
         t.start()
         self.assertTrue(entered.wait(5))
-        threading.Timer(0.2, gate.set).start()
+        opener = threading.Thread(target=lambda: wait_until(lambda: server.draining)
+                                  and gate.set())  # the request finishes during the drain
+        opener.start()
         self.assertTrue(server.drain(timeout=5))
+        opener.join(5)
         t.join(5)
         thread.join(5)
         self.assertEqual(result["answer"][0], 200)

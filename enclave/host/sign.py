@@ -2,7 +2,9 @@
 
 Output is one `Name: value` line per header, ready for `curl -H`. The secret comes from
 --secret, else ENCLAVE_RPC_SHARED_SECRET, else the local default secret, which is used only when
-ALFRED_ENV is unset or `local`. Exit codes: 0 printed, 2 usage or configuration error.
+ALFRED_ENV is unset or `local`. TARGET must be what the server accepts: ASCII (percent-encode
+anything else), no spaces, control characters or fragment, not starting with `//`.
+Exit codes: 0 printed, 2 usage or configuration error.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 import sys
 import time
 
+from ..request import target_problem
 from ..rpcauth import NONCE_RE, new_nonce, sign_request
 from .args import resolve_secret
 
@@ -23,7 +26,8 @@ _METHOD_RE = re.compile(r"[A-Z]{1,16}")
 def add_arguments(parser) -> None:
     parser.add_argument("method", metavar="METHOD", help="HTTP method, e.g. POST")
     parser.add_argument("target", metavar="TARGET",
-                        help="request target exactly as it will be sent: path and query")
+                        help="request target exactly as it will be sent: path and query, "
+                             "ASCII (percent-encode anything else)")
     parser.add_argument("body_file", metavar="BODY_FILE", nargs="?",
                         help="file holding the exact body bytes ('-' for standard input); "
                              "none means an empty body")
@@ -52,9 +56,12 @@ def run(args, environ=None) -> int:
         print(f"sign: METHOD must be an upper-case HTTP method, got {args.method!r}",
               file=sys.stderr)
         return 2
-    if not args.target.startswith("/") or any(c.isspace() for c in args.target):
-        print("sign: TARGET must start with / and contain no spaces (path and query as sent)",
-              file=sys.stderr)
+    if not args.target.startswith("/"):
+        print("sign: TARGET must start with / (path and query as sent)", file=sys.stderr)
+        return 2
+    problem = target_problem(args.target)
+    if problem is not None:  # the server would answer 400 invalid_target
+        print(f"sign: TARGET refused: {problem}", file=sys.stderr)
         return 2
     if args.nonce is not None and not NONCE_RE.fullmatch(args.nonce):
         print("sign: --nonce must be 22-64 characters of A-Z a-z 0-9 _ -", file=sys.stderr)

@@ -28,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from enclave.server import PromptShutdownMixin
+
 log = logging.getLogger(__name__)
 
 WATERMARK_PATH = "/v1/watermark"
@@ -128,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(200, json.dumps(result).encode())
 
 
-class FakeWatermark(ThreadingHTTPServer):
+class FakeWatermark(PromptShutdownMixin, ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
