@@ -9,6 +9,7 @@ back, truncating answers that do not fit like drivers/misc/nsm.c does.
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
 import errno
 import os
 import struct
@@ -16,6 +17,10 @@ import tempfile
 import time
 
 import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from enclave import attestation, devpki, nsm
 from enclave.nitro import cose
@@ -43,6 +48,29 @@ def dumps_indefinite(value, *, nested: bool = True) -> bytes:
             return start + cbor2.dumps(v[:half]) + cbor2.dumps(v[half:]) + b"\xff"
         return cbor2.dumps(v)
     return item(value, 0)
+
+
+TEST_ROOT_COMMON_NAME = "Enclave test Nitro root (tests only)"
+
+
+def make_test_root(now: dt.datetime | None = None) -> devpki.Issued:
+    """A Nitro-shaped root for tests that must pass strict checks: unlike the dev-shim root its
+    subject does not say INSECURE, so `probe --require-attestation --root` accepts it."""
+    now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TEST_ROOT_COMMON_NAME)])
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          key_cert_sign=True, crl_sign=True, encipher_only=False,
+                          decipher_only=False)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(usage, critical=True)
+            .sign(key, hashes.SHA384()))
+    return devpki.Issued(cert, key, cert.public_bytes(serialization.Encoding.DER))
 
 
 class FakeNsm:
