@@ -323,7 +323,7 @@ def _error_from_answer(status: int, body: bytes, operation: str) -> KmsError:
             code = CODE_INVALID_RESPONSE  # a 4xx without an AWS error body: not KMS
         else:
             code = CODE_ACCESS_DENIED
-    detail = f"{kms_type}: {message}" if kms_type else f"no KMS error body"
+    detail = f"{kms_type}: {message}" if kms_type else "no KMS error body"
     return KmsError(code, f"KMS {operation} answered HTTP {status} ({detail})",
                     kms_type=kms_type, status=status)
 
@@ -408,7 +408,7 @@ def unwrap_data_key(envelope: envelope_mod.Envelope, *, credentials: AwsCredenti
     credentials.checked(now)  # an expired credential costs no key generation and no call
 
     # (2) A fresh recipient key and a document binding its public key.
-    key = rsa.generate_private_key(public_exponent=RSA_PUBLIC_EXPONENT, key_size=RSA_KEY_BITS)
+    key = _new_recipient_key()
     try:
         spki = key.public_key().public_bytes(serialization.Encoding.DER,
                                              serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -451,6 +451,11 @@ def unwrap_data_key(envelope: envelope_mod.Envelope, *, credentials: AwsCredenti
             raise KmsError(CODE_INVALID_RESPONSE, f"KMS Decrypt answer refused: {exc}") from None
     finally:
         del key  # dropped after one attempt: no second try with the same key (no oracle)
+
+
+def _new_recipient_key() -> rsa.RSAPrivateKey:
+    """A fresh RSA-2048 key for one Decrypt (one place, so tests can count or stub it)."""
+    return rsa.generate_private_key(public_exponent=RSA_PUBLIC_EXPONENT, key_size=RSA_KEY_BITS)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

@@ -18,6 +18,8 @@ import types
 import unittest
 from unittest import mock
 
+from cryptography.hazmat.primitives import serialization
+
 from enclave import attestation, devpki, envelope, kms
 from enclave.host import seal_secrets
 from enclave.nitro import cose
@@ -25,7 +27,7 @@ from enclave.outbound import OutboundClient, Response, UpstreamTimeout
 from tests.fakes import fake_kms
 from tests.fakes.fake_kms import DocumentMinter, FakeKms
 from tests.fakes.pki import TestCA
-from tests.support import remember_key_files, remember_secret, scan_later
+from tests.support import remember_key_files, remember_private_key, remember_secret, scan_later
 
 ROOT_DIR = pathlib.Path(__file__).resolve().parent.parent
 REGION = fake_kms.DEFAULT_REGION
@@ -370,7 +372,16 @@ class ErrorMappingTest(unittest.TestCase):
             {}, kms_key_arn=cls.ARN, bundle_version=1, data_key=key,
             encrypted_data_key=b"blob", nonce=os.urandom(12)))
         cls.creds = kms.AwsCredentials("AKIAFAKEKMS000000001", fake_kms.TEST_SECRET_ACCESS_KEY)
-        cls.root = None
+        cls.recipient_key = kms._new_recipient_key()
+        remember_private_key(cls.recipient_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()), kind="test recipient key")
+
+    def setUp(self):
+        # These answers never reach the key: one key for the class saves ~0.1 s per case.
+        patcher = mock.patch.object(kms, "_new_recipient_key", return_value=self.recipient_key)
+        patcher.start()
+        self.addCleanup(patcher.stop)
 
     def unwrap(self, transport):
         return kms.unwrap_data_key(self.env, credentials=self.creds, region="us-east-1",
@@ -540,6 +551,18 @@ class AmazonRootsTest(unittest.TestCase):
                     kms.create_kms_context()
         finally:
             kms.amazon_roots_pem.cache_clear()
+
+    def test_roots_load_from_the_zipapp(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            pyz = pathlib.Path(tmp) / "enclave.pyz"
+            subprocess.run([sys.executable, "scripts/build_zipapp.py", str(pyz)], cwd=ROOT_DIR,
+                           check=True, capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
+            script = ("import sys; sys.path.insert(0, sys.argv[1]); import enclave.kms as k; "
+                      "assert '.pyz' in k.__file__; "
+                      "print(len(k.create_kms_context().get_ca_certs()))")
+            result = subprocess.run([sys.executable, "-c", script, str(pyz)], cwd=tmp,
+                                    capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "5"), result.stderr)
 
     def test_context_settings(self):
         context = kms.create_kms_context()
