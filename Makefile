@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
+TEST_STAMP := $(VENV)/.installed-requirements-test
 
 .PHONY: venv tools test run zipapp smoke bench lint clean
 
@@ -14,11 +15,17 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP)
 
+# Test-only dependencies (botocore drives the fake KMS as a real AWS client); the runtime's own
+# requirements.txt and the zipapp are unaffected.
+$(TEST_STAMP): requirements-test.txt $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 # socat, openssl and curl are needed by the tests of the host scripts.
 tools:
 	@scripts/ensure-tools.sh
 
-test: $(STAMP) tools
+test: $(STAMP) $(TEST_STAMP) tools
 	$(PY) -m tests.run
 
 run: $(STAMP) tools

@@ -21,6 +21,7 @@ COMMANDS = {
     "probe": ("enclave.host.probe", "fail-closed start-up probe of a running runtime"),
     "sign": ("enclave.host.sign", "print X-Enclave-* headers that sign an RPC request"),
     "send-secrets": ("enclave.host.send_secrets", "deliver a secrets JSON file to the listener"),
+    "seal-secrets": ("enclave.host.seal_secrets", "seal a secrets payload under a KMS key"),
 }
 
 
