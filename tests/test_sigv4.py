@@ -6,6 +6,7 @@ import importlib.util
 import json
 import pathlib
 import unittest
+from unittest import mock
 
 from enclave import sigv4
 from enclave.sigv4 import SigV4Error
@@ -190,8 +191,10 @@ class KmsDecryptTest(unittest.TestCase):
         request = AWSRequest(method="POST", url=f"https://{KMS_HOST}/", data=KMS_BODY,
                              headers={k: v for k, v in KMS_HEADERS.items() if k != "Host"})
         auth = SigV4Auth(Credentials(KMS_ACCESS_KEY, KMS_SECRET, KMS_TOKEN), "kms", "eu-west-1")
-        auth._get_timestamp = lambda: "20260509T073525Z"  # botocore reads the clock itself
-        auth.add_auth(request)
+        # botocore reads the clock itself: hand it the suite's fixed time.
+        fixed = KMS_TIME.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        with mock.patch("botocore.auth.get_current_datetime", return_value=fixed):
+            auth.add_auth(request)
         self.assertEqual(request.headers["Authorization"], kms_sign()["Authorization"])
 
 
