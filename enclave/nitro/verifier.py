@@ -455,7 +455,7 @@ def _verify(step, cache, data, roots, at_ms, allow_debug, expected_pcrs, expecte
     debug = pcr0 is None or not any(pcr0)
     if debug and not allow_debug:
         raise VerificationError(6, "debug enclave (PCR0 is all zero or missing) rejected; "
-                                   "allow debug documents explicitly to accept it")
+                                   "accept it with --allow-debug (allow_debug=True)")
     for index, want in sorted((expected_pcrs or {}).items()):
         got = pcrs.get(index)
         if got is None or not hmac.compare_digest(got, want):
