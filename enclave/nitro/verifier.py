@@ -120,7 +120,8 @@ class VerifiedDocument:
         evidence = None
         if self.evidence is not None:
             evidence = {"intent": self.evidence.get("intent"),
-                        "timestamp_ms": self.evidence.get("timestamp_ms")}
+                        "timestamp_ms": self.evidence.get("timestamp_ms"),
+                        "user_data": b64(self.evidence.get("user_data"))}
         return {
             "module_id": self.module_id,
             "digest": self.digest,
@@ -541,6 +542,10 @@ def _check_payload(payload) -> dict:
     return out
 
 
+def _describe_size(value) -> str:
+    return f"{len(value)} bytes" if isinstance(value, bytes) else type(value).__name__
+
+
 def _check_age(step: int, what: str, timestamp_ms: int, at: int, max_age_ms: int) -> None:
     age = at - timestamp_ms
     if age > max_age_ms:
@@ -575,6 +580,11 @@ def _check_evidence(evidence: bytes, public_key: bytes | None, document: bytes,
                                    f"got {ts!r:.40}")
     if max_age_ms is not None:
         _check_age(8, "evidence", ts, at, max_age_ms)
+    user_data = claims.get("user_data")  # the challenge's user_data, when one was sent
+    if "user_data" in claims and (not isinstance(user_data, bytes)
+                                  or len(user_data) > MAX_USER_FIELD_BYTES):
+        raise VerificationError(8, f"evidence user_data must be 0..{MAX_USER_FIELD_BYTES} bytes, "
+                                   f"got {_describe_size(user_data)}")
     return claims
 
 
