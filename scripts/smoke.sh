@@ -7,7 +7,7 @@
 # Made for the local stack (scripts/start-local.sh): the signed RPC checks need the secrets it
 # delivers (fake Google credentials, mTLS certificates and the watermark endpoint).
 # The start-up probe against the same local dev-shim stack needs the dev-root opt-in too:
-#   $PYTHON enclave.py probe --allow-insecure-dev [--state-dir DIR] BASE_URL
+#   ALFRED_ENV=local $PYTHON enclave.py probe --allow-insecure-dev [--state-dir DIR] BASE_URL
 # Environment: ENCLAVE_RPC_SHARED_SECRET (default: the local development secret);
 #   PYTHON (default .venv/bin/python, else python3) runs `enclave.py verify`;
 #   ENCLAVE_STATE_DIR (default .local) holds the INSECURE dev root that verify trusts;
