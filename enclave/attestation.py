@@ -430,12 +430,17 @@ class AttestationService:
             document = self._mint("challenge", nonce, user_data)
         else:
             document = self._mint("challenge")
-        evidence = self._identity.sign_claims({
+        claims = {
             "intent": INTENT_CHALLENGE,
             "nonce": nonce,
             "document_sha384": hashlib.sha384(document).digest(),
             "timestamp_ms": int(self._clock() * 1000),
-        })
+        }
+        if user_data is not None:
+            # A static document cannot carry it, so the signed evidence always does (for nsm
+            # and dev-shim documents it is in the document too).
+            claims["user_data"] = user_data
+        evidence = self._identity.sign_claims(claims)
         b64 = base64.b64encode
         return 200, JSON_TYPE, _CHALLENGE_JSON % (b64(nonce), b64(document), self._nonce_bound_json,
                                                   b64(evidence), self._public_key_b64)

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == argv[0]:  # import only the command that runs
             modules[name] = importlib.import_module(module_name)
             modules[name].add_arguments(command)
+    if argv[0] == "sign":  # nonces may start with "-": argparse would take them for options
+        from enclave.host.args import attach_option_values
+        from enclave.rpcauth import NONCE_RE
+        argv = attach_option_values(argv, {"--nonce": NONCE_RE})
     args = parser.parse_args(argv)
     if args.version:
         from enclave import __version__

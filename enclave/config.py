@@ -65,6 +65,10 @@ class Settings:
     attestation_document_path: str | None = None
     attestation_document_b64: str | None = field(default=None, repr=False)
     rpc_shared_secret: str = field(default=LOCAL_DEFAULT_RPC_SECRET, repr=False)
+    # The published local default secret is accepted by the authenticator only when this is
+    # true: ALFRED_ENV=local set explicitly and both listeners on loopback (load_settings
+    # decides; a Settings built by hand never allows it).
+    allow_local_default_secret: bool = False
     rpc_max_skew_s: int = DEFAULT_SKEW_SECONDS
     mtls_client_cert_json: str | None = field(default=None, repr=False)
     ecs_watermark_endpoint: str | None = None
@@ -98,6 +102,27 @@ class Settings:
         return out
 
 
+def is_loopback_listener(address: Address) -> bool:
+    """A TCP listener only this machine can reach: a loopback IP or `localhost`."""
+    return address.family == "tcp" and (is_loopback_ip(address.host)
+                                        or address.host.lower() == "localhost")
+
+
+def _is_utf8(value: str) -> bool:
+    """False for a string holding lone surrogates: os.environ's form of undecodable bytes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _named(name: str, exc: Exception) -> str:
+    """`NAME: message`, without repeating NAME when the message already starts with it."""
+    message = str(exc)
+    return message if re.match(rf"{name}\b", message) else f"{name}: {message}"
+
+
 def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
     """Parse a `.env` file: KEY=VALUE lines, `#` comments, optional `export`, simple quotes."""
     data = Path(path).read_bytes()[:MAX_DOTENV_BYTES].decode("utf-8")
@@ -124,9 +149,17 @@ class _Reader:
     def __init__(self, environ: dict[str, str]):
         self.environ = environ
         self.problems: list[str] = []
+        self.undecodable: set[str] = set()
 
     def raw(self, name: str) -> str | None:
         value = self.environ.get(name)
+        if value is not None and not _is_utf8(value):
+            # Undecodable bytes: reported once; the variable then counts as unset, and the
+            # problems that follow from that are dropped (load_settings) so it is named once.
+            if name not in self.undecodable:
+                self.undecodable.add(name)
+                self.problems.append(f"{name} is not valid UTF-8")
+            return None
         return None if value is None or value == "" else value
 
     def set_but_empty(self, name: str) -> bool:
@@ -162,12 +195,14 @@ class _Reader:
         value = self.raw(name)
         if value is None:
             return default
+        what = "a number" if kind is float else "a whole number"
+        problem = f"{name} must be {what} from {low:g} to {high:g}"
         if not re.fullmatch(r"[0-9]{1,9}" + (r"(\.[0-9]{1,6})?" if kind is float else ""), value):
-            self.problems.append(f"{name} must be a number")
+            self.problems.append(problem)
             return default
         number = kind(value)
         if not low <= number <= high:
-            self.problems.append(f"{name} must be between {low} and {high}")
+            self.problems.append(problem)
             return default
         return number
 
@@ -176,7 +211,7 @@ class _Reader:
         try:
             return parse_address(value, name)
         except AddressError as exc:
-            self.problems.append(f"{name}: {exc}".replace(f"{name}: {name}: ", f"{name}: "))
+            self.problems.append(_named(name, exc))
             return parse_address(default)
 
     def url(self, name: str, default: str | None, schemes=("https",)) -> str | None:
@@ -232,12 +267,17 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
     if dotenv is not None:
         try:
             merged.update(read_dotenv(dotenv))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"ENCLAVE_DOTENV: cannot read {dotenv} ({exc})"]) from None
+        except OSError as exc:
+            raise ConfigError([f"--env-file {dotenv}: cannot read it "
+                               f"({exc.strerror or type(exc).__name__})"]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"--env-file {dotenv}: not UTF-8 (byte {exc.start})"]) from None
     merged.update(os.environ if environ is None else environ)
     r = _Reader(merged)
 
     env = r.choice("ALFRED_ENV", ENVIRONMENTS, "local")
+    env_explicit = r.raw("ALFRED_ENV") is not None
+    env_unreadable = "ALFRED_ENV" in r.undecodable  # reported; nothing follows from it
     strict = env in STRICT_ENVIRONMENTS
     local = env == "local"
     mode = r.choice("ENCLAVE_RUNTIME_MODE", MODES, "dev-shim")
@@ -252,12 +292,23 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
             r.problems.append("ENCLAVE_SECRETS_ALLOWED_PEERS entries must be vsock:CID or a "
                               "loopback IP (secrets never come from the network)")
             break
+    # The published local secret and the dev-shim defaults: only with ALFRED_ENV=local set
+    # explicitly AND both listeners reachable from this machine only (DESIGN.md section 3).
+    public_listeners = [name for name, address in (("ENCLAVE_HTTP_LISTEN", http_listen),
+                                                   ("ENCLAVE_SECRETS_LISTEN", secrets_listen))
+                        if not is_loopback_listener(address)]
+    local_defaults = local and env_explicit and not public_listeners
+    if not env_explicit:
+        why_not_local = "but ALFRED_ENV is unset (set it to local for local development)"
+    else:
+        why_not_local = (f"but {' and '.join(public_listeners)} "
+                         f"{'is' if len(public_listeners) == 1 else 'are'} not on loopback")
     timeout = r.number("ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS", DEFAULT_SECRETS_TIMEOUT_SECONDS,
                        0.0, MAX_SECRETS_TIMEOUT_SECONDS, float)
     certs_dir = Path(r.raw("ENCLAVE_CERTS_DIR") or (".local/certs" if local else "/opt/enclave/certs"))
     state_dir = Path(r.raw("ENCLAVE_STATE_DIR") or (".local" if local else "/opt/enclave/state"))
     required = r.boolean("TEE_ATTESTATION_REQUIRED", False)
-    allow_insecure = r.boolean("TEE_ALLOW_INSECURE_DEV_ATTESTATION", local)
+    allow_insecure = r.boolean("TEE_ALLOW_INSECURE_DEV_ATTESTATION", local_defaults)
     signing_key = _signing_key(r)
     doc_path = r.raw("TEE_ATTESTATION_DOCUMENT_PATH")
     doc_b64 = r.raw("TEE_ATTESTATION_DOCUMENT")
@@ -279,14 +330,24 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
     try:
         parse_routes(egress_routes)
     except EgressError as exc:
-        r.problems.append(f"ENCLAVE_EGRESS_ROUTES: {exc}")
+        r.problems.append(_named("ENCLAVE_EGRESS_ROUTES", exc))
     log_format = r.choice("ENCLAVE_LOG_FORMAT", ("text", "json"), "text")
     log_level = r.choice("ENCLAVE_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+    mtls_json = r.raw("MTLS_CLIENT_CERT_JSON")
+    google_client_id = r.raw("GOOGLE_OAUTH_CLIENT_ID")
+    google_client_secret = r.raw("GOOGLE_OAUTH_CLIENT_SECRET")
 
     if doc_path and doc_b64:
         r.problems.append("set only one of TEE_ATTESTATION_DOCUMENT_PATH and TEE_ATTESTATION_DOCUMENT")
     if mode == "dev-shim" and not strict:  # strict environments reject dev-shim outright
-        if not allow_insecure:
+        if env_unreadable:
+            pass
+        elif not allow_insecure and local and r.raw("TEE_ALLOW_INSECURE_DEV_ATTESTATION") is None:
+            r.problems.append("TEE_ALLOW_INSECURE_DEV_ATTESTATION must be set to true for "
+                              f"dev-shim attestation: it defaults to true only when "
+                              f"ALFRED_ENV=local and both listeners are on loopback, "
+                              f"{why_not_local}")
+        elif not allow_insecure:
             r.problems.append("ENCLAVE_RUNTIME_MODE=dev-shim requires TEE_ALLOW_INSECURE_DEV_ATTESTATION=true")
         if required:
             r.problems.append("ENCLAVE_RUNTIME_MODE=dev-shim requires TEE_ATTESTATION_REQUIRED=false")
@@ -319,13 +380,26 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
                                   "(the environment is for local development)")
     elif secret is None and not local:
         r.problems.append("ENCLAVE_RPC_SHARED_SECRET must be set unless ALFRED_ENV=local")
-    if secret == LOCAL_DEFAULT_RPC_SECRET and not local and not strict:
-        r.problems.append("ENCLAVE_RPC_SHARED_SECRET: the local default is accepted only "
-                          "when ALFRED_ENV=local")
+    elif secret is None and not local_defaults and not env_unreadable:
+        r.problems.append("ENCLAVE_RPC_SHARED_SECRET must be set: the published local default "
+                          f"is used only when ALFRED_ENV=local and both listeners are on "
+                          f"loopback, {why_not_local}")
+    if secret == LOCAL_DEFAULT_RPC_SECRET and not strict:
+        if not local:
+            r.problems.append("ENCLAVE_RPC_SHARED_SECRET: the local default is accepted only "
+                              "when ALFRED_ENV=local")
+        elif not local_defaults and not env_unreadable:
+            r.problems.append("ENCLAVE_RPC_SHARED_SECRET: the published local default is "
+                              "accepted only when ALFRED_ENV=local and both listeners are on "
+                              f"loopback, {why_not_local}")
 
     if r.problems:
+        problems = r.problems
+        for name in r.undecodable:  # named once, by its own problem
+            own = f"{name} is not valid UTF-8"
+            problems = [p for p in problems if p == own or not p.startswith(name)]
         # de-duplicate, keep order
-        raise ConfigError(list(dict.fromkeys(r.problems)))
+        raise ConfigError(list(dict.fromkeys(problems)))
     return Settings(
         env=env, mode=mode, base_url=base_url, http_listen=http_listen,
         secrets_listen=secrets_listen, secrets_allowed_peers=peers,
@@ -334,14 +408,21 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         signing_private_key_pem=signing_key, attestation_document_path=doc_path,
         attestation_document_b64=doc_b64,
         rpc_shared_secret=secret if secret is not None else LOCAL_DEFAULT_RPC_SECRET,
-        rpc_max_skew_s=skew, mtls_client_cert_json=r.raw("MTLS_CLIENT_CERT_JSON"),
+        allow_local_default_secret=local_defaults,
+        rpc_max_skew_s=skew, mtls_client_cert_json=mtls_json,
         ecs_watermark_endpoint=endpoint, ecs_watermark_path=wm_path,
-        google_client_id=r.raw("GOOGLE_OAUTH_CLIENT_ID"),
-        google_client_secret=r.raw("GOOGLE_OAUTH_CLIENT_SECRET"),
+        google_client_id=google_client_id, google_client_secret=google_client_secret,
         google_token_url=token_url, google_revoke_url=revoke_url, outbound_ca_file=ca_file,
         token_sealing_key=sealing_key, egress_routes=egress_routes,
         log_format=log_format, log_level=log_level,
     )
+
+
+def report_problems(problems: list[str]) -> None:
+    """Print every problem to stderr, one per line (the caller exits 2)."""
+    print("configuration error:", file=sys.stderr)
+    for problem in problems:
+        print(f"  - {problem}", file=sys.stderr)
 
 
 def load_or_report(env_file: str | None):
@@ -349,7 +430,5 @@ def load_or_report(env_file: str | None):
     try:
         return load_settings(dotenv=env_file)
     except ConfigError as exc:
-        print("configuration error:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
+        report_problems(exc.problems)
         return None

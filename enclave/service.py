@@ -1,8 +1,9 @@
 """`serve`: the start-up sequence of DESIGN.md §2 and the graceful stop on SIGTERM/SIGINT.
 
-1. configuration (exit 2 on any problem)  2. signing identity and attestation source (exit 2)
-3. bind the secrets listener FIRST, wait for a first delivery (bounded)  4. start HTTP, log
-`ready`  5. on SIGTERM/SIGINT stop accepting, drain in-flight requests (5 s), exit 0.
+1. configuration, then `preflight` (exit 2 listing every problem)  2. signing identity and
+attestation source (exit 2)  3. bind the secrets listener FIRST, then HTTP (a busy address:
+exit 2 naming the variable), wait for a first delivery (bounded)  4. serve HTTP, log `ready`
+5. on SIGTERM/SIGINT stop accepting, drain in-flight requests (5 s), exit 0.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import threading
 from dataclasses import dataclass
 
 from .app import Runtime
-from .config import Settings, load_or_report
+from .config import (ConfigError, Settings, is_loopback_listener, load_or_report,
+                     report_problems)
 from .errors import EnclaveError
 from .logs import setup_logging
 from .metrics import Metrics
@@ -26,6 +28,82 @@ log = logging.getLogger("enclave")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--env-file", metavar="PATH", help="read variables from a .env file first")
+
+
+class ListenError(ConfigError):
+    """A listen address that cannot be bound (busy, not local, no permission): exit 2."""
+
+    def __init__(self, variable: str, address, exc: OSError):
+        reason = exc.strerror or type(exc).__name__
+        super().__init__([f"{variable}: cannot listen on {address} ({reason})"])
+
+
+def local_default_secret_allowed(settings: Settings) -> bool:
+    """The published local RPC secret is usable only when configuration allowed it (ALFRED_ENV=
+    local set explicitly) AND both listeners are on loopback; checked again here so a Settings
+    built any other way cannot enable it on a network listener."""
+    return (settings.allow_local_default_secret and settings.env == "local"
+            and is_loopback_listener(settings.http_listen)
+            and is_loopback_listener(settings.secrets_listen))
+
+
+def preflight(settings: Settings, now=None) -> list[str]:
+    """Every problem `serve` would refuse before it binds, all at once, naming the variable.
+
+    `check-config` runs this too. It has no side effects: it writes no file (the dev-shim root is
+    created by `serve`), opens no device (`/dev/nsm` exists only in an enclave) and binds nothing.
+    """
+    import datetime as dt
+
+    from . import attestation, secrets
+    from .identity import IdentityError, SigningIdentity
+    from .nitro import cose
+    from .nitro.encoding import decode_b64, read_document_bytes
+
+    problems: list[str] = []
+    if settings.mode == "disabled":
+        return problems  # serve refuses with its own message; nothing else is built
+    identity = None
+    if settings.signing_private_key_pem is not None:
+        try:
+            identity = SigningIdentity.from_pem(settings.signing_private_key_pem)
+        except IdentityError as exc:
+            problems.append(str(exc))
+    path, inline = settings.attestation_document_path, settings.attestation_document_b64
+    if settings.mode != "dev-shim" and path != attestation.NSM_DEVICE and (path or inline):
+        if settings.signing_private_key_pem is None and not settings.strict:
+            identity = SigningIdentity.generate()  # what serve does: a per-boot identity
+        try:
+            if identity is not None:
+                source = (attestation.StaticSource.from_file(path, identity) if path
+                          else attestation.StaticSource.from_base64(inline, identity))
+                if settings.attestation_required:
+                    attestation._check_static(source, settings)
+            elif path:  # no usable key: still check that the document reads and parses
+                with open(path, "rb") as fh:
+                    data = fh.read(attestation.MAX_STATIC_DOCUMENT_FILE_BYTES + 1)
+                attestation.payload_fields(read_document_bytes(data))
+            else:
+                attestation.payload_fields(decode_b64(inline))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        except OSError as exc:
+            problems.append(f"TEE_ATTESTATION_DOCUMENT_PATH: cannot read {path} "
+                            f"({exc.strerror or type(exc).__name__})")
+        except (ValueError, cose.CoseError):
+            name = "TEE_ATTESTATION_DOCUMENT_PATH" if path else "TEE_ATTESTATION_DOCUMENT"
+            problems.append(f"{name}: not an attestation document")
+    if settings.mtls_client_cert_json is not None:
+        moment = now or dt.datetime.now(dt.timezone.utc)
+        try:
+            secrets.validate_value(secrets.MTLS_CLIENT_CERT_JSON, settings.mtls_client_cert_json,
+                                   moment)
+        except secrets.SecretsError as exc:
+            message = exc.message
+            if not message.startswith(secrets.MTLS_CLIENT_CERT_JSON):
+                message = f"{secrets.MTLS_CLIENT_CERT_JSON}: {message}"
+            problems.append(message)
+    return problems
 
 
 @dataclass
@@ -62,7 +140,8 @@ def build_services(settings: Settings, metrics: Metrics):
     connector = Connector.from_setting(settings.egress_routes)
     outbound = OutboundClient(connector, ca_file=settings.outbound_ca_file)
     authenticator = RpcAuthenticator(store.rpc_secrets, settings.rpc_max_skew_s, metrics,
-                                     allow_local_default_secret=settings.env == "local")
+                                     allow_local_default_secret=local_default_secret_allowed(
+                                         settings))
     def google_credentials():
         creds = store.google_credentials()
         return (creds.client_id, creds.client_secret) if creds else None
@@ -78,22 +157,40 @@ def build_services(settings: Settings, metrics: Metrics):
 
 
 def start(settings: Settings, metrics: Metrics | None = None) -> Running:
-    """Steps 2-4: build, bind the secrets listener first, wait for secrets, start HTTP."""
+    """Steps 2-4: build, bind both listeners (secrets first), wait for secrets, serve HTTP.
+
+    Both addresses are bound before the secrets listener accepts anything, so a busy HTTP
+    port fails start-up (ListenError) before any delivery is acknowledged. HTTP connections
+    made during the start-up window wait in the listen backlog until HTTP serves.
+    """
     from .secrets_listener import SecretsListener, wait_for_initial
 
     metrics = metrics or Metrics()
     runtime = build_services(settings, metrics)
     listener = SecretsListener(settings.secrets_listen, runtime.store,
                                settings.secrets_allowed_peers, metrics)
-    listener.bind()
+    try:
+        try:
+            listener.bind()
+        except OSError as exc:
+            raise ListenError("ENCLAVE_SECRETS_LISTEN", settings.secrets_listen, exc) from None
+        try:
+            http = HttpServer(settings.http_listen, runtime.router(), metrics=metrics,
+                              authenticator=runtime.authenticator)
+        except OSError as exc:
+            raise ListenError("ENCLAVE_HTTP_LISTEN", settings.http_listen, exc) from None
+    except BaseException:
+        listener.shutdown()
+        runtime.close()
+        raise
     threads = [listener.start()]
     try:
         wait_for_initial(runtime.store, settings.secrets_initial_timeout_s,
                          via=listener.address.family.upper())
-        http = HttpServer(settings.http_listen, runtime.router(), metrics=metrics,
-                          authenticator=runtime.authenticator)
     except BaseException:
         listener.shutdown()
+        http.server_close()
+        runtime.close()
         raise
     threads.append(http.serve_in_thread())
     insecure = " INSECURE dev-shim attestation" if settings.mode == "dev-shim" else ""
@@ -112,16 +209,24 @@ def run(args) -> int:
     settings = load_or_report(args.env_file)
     if settings is None:
         return 2
-    setup_logging(settings.log_format, settings.log_level)
     if settings.mode == "disabled":
         print("ENCLAVE_RUNTIME_MODE=disabled: the runtime refuses to serve "
               "(set remote in an enclave, or dev-shim locally)", file=sys.stderr)
         return 2
+    problems = preflight(settings)
+    if problems:
+        report_problems(problems)
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
         running = start(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("start-up failed: %s", problem)
+        return 2
     except (EnclaveError, OSError) as exc:
         log.error("start-up failed: %s", exc)
         return 2

@@ -50,6 +50,28 @@ def build(output: Path) -> Path:
     return output
 
 
+USAGE = """usage: build_zipapp.py [-h] [OUTPUT]
+
+Build the reproducible zipapp (sorted entries, fixed timestamps from SOURCE_DATE_EPOCH).
+
+positional arguments:
+  OUTPUT      where to write it (default dist/enclave.pyz)
+
+options:
+  -h, --help  show this help message and exit
+"""
+
+
+def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        sys.stdout.write(USAGE)
+        return 0
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        sys.stderr.write(USAGE.split("\n\n", 1)[0] + "\n")
+        return 2
+    print(build(Path(argv[0]) if argv else ROOT / "dist" / "enclave.pyz"))
+    return 0
+
+
 if __name__ == "__main__":
-    out = build(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "dist" / "enclave.pyz")
-    print(out)
+    sys.exit(main(sys.argv[1:]))

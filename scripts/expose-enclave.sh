@@ -26,10 +26,27 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 readonly FORWARDER_SETTLE_S=0.5  # socat fails within this when it cannot bind its port
 
-usage() {
+usage_line() {
   echo "usage: $PROG [--cid CID] [--port PORT] [--listen-port PORT] [--bind ADDR]" \
-       "[--secrets-port PORT] [--pid-file FILE] [--replace] [--dry-run] SECRETS_FILE" >&2
-  exit 2
+       "[--secrets-port PORT] [--pid-file FILE] [--replace] [--dry-run] SECRETS_FILE"
+}
+usage() { usage_line >&2; exit 2; }
+help() {
+  usage_line
+  cat <<'EOF'
+On the parent instance: start the TCP -> VSOCK forwarder for the enclave's HTTP API, then
+deliver SECRETS_FILE, then wait for /healthz?ready=1.
+  --cid CID            the enclave's CID (default: the one RUNNING enclave from nitro-cli)
+  --port PORT          the enclave's HTTP vsock port (default 8181)
+  --listen-port PORT   the TCP port to listen on (default: --port)
+  --bind ADDR          the address to listen on (default 127.0.0.1)
+  --secrets-port PORT  the enclave's secrets vsock port (default 7777)
+  --pid-file FILE      where the forwarder's pid goes
+  --replace            restart a forwarder that is already running
+  --dry-run            print the commands in order and run nothing
+  -h, --help           show this help and exit
+EOF
+  exit 0
 }
 
 cid="" port="8181" listen_port="" bind="127.0.0.1" secrets_port="7777" pid_file=""
@@ -44,7 +61,7 @@ while [ "$#" -gt 0 ]; do
     --pid-file) [ "$#" -ge 2 ] || usage; pid_file="$2"; shift 2 ;;
     --replace) replace=1; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) usage ;;
+    -h|--help) help ;;
     -*) echo "$PROG: unknown option $1" >&2; usage ;;
     *) [ -z "$file" ] || usage; file="$1"; shift ;;
   esac

@@ -19,6 +19,13 @@ usage() {
     exit 2
 }
 
+if [[ "${1-}" == "-h" || "${1-}" == "--help" ]]; then
+    echo "usage: $(basename "$0") METHOD PATH [BODY|@FILE]"
+    echo "Sign one RPC with openssl (ENCLAVE_RPC_SHARED_SECRET) and send it with curl to"
+    echo "\$ENCLAVE_RUNTIME_BASE_URL (default http://127.0.0.1:8181); a leading @ names a body file."
+    echo "  -h, --help  show this help and exit"
+    exit 0
+fi
 [[ $# -ge 2 && $# -le 3 ]] || usage
 method=$1
 target=$2

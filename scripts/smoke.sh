@@ -7,7 +7,7 @@
 # Made for the local stack (scripts/start-local.sh): the signed RPC checks need the secrets it
 # delivers (fake Google credentials, mTLS certificates and the watermark endpoint).
 # The start-up probe against the same local dev-shim stack needs the dev-root opt-in too:
-#   $PYTHON enclave.py probe --allow-insecure-dev [--state-dir DIR] BASE_URL
+#   ALFRED_ENV=local $PYTHON enclave.py probe --allow-insecure-dev [--state-dir DIR] BASE_URL
 # Environment: ENCLAVE_RPC_SHARED_SECRET (default: the local development secret);
 #   PYTHON (default .venv/bin/python, else python3) runs `enclave.py verify`;
 #   ENCLAVE_STATE_DIR (default .local) holds the INSECURE dev root that verify trusts;
@@ -24,7 +24,14 @@ readonly RPC_PATHS=(/v1/rpc/google/token/exchange /v1/rpc/google/token/refresh
                     /v1/rpc/google/token/revoke /v1/rpc/watermark)
 
 usage() { echo "usage: $PROG [BASE_URL]" >&2; exit 2; }
-case "${1-}" in -h|--help) usage ;; -*) usage ;; esac
+help() {
+  echo "usage: $PROG [BASE_URL]"
+  echo "Run the verification checklist with curl against BASE_URL (default"
+  echo "\$ENCLAVE_RUNTIME_BASE_URL or http://127.0.0.1:8181); exit 0 only if every check passes."
+  echo "  -h, --help  show this help and exit"
+  exit 0
+}
+case "${1-}" in -h|--help) help ;; -*) usage ;; esac
 [ "$#" -le 1 ] || usage
 
 base_url="${1:-${ENCLAVE_RUNTIME_BASE_URL:-http://127.0.0.1:8181}}"

@@ -325,7 +325,7 @@ $PROG: ready. Local stack (INSECURE dev-shim attestation: development only):
   dev PKI           $(rel "$PKI")/   dev attestation root: $(rel "$state")/dev-attestation/root.crt
   logs              $(rel "$LOGS")/{runtime,fake-google,fake-watermark,secrets,pki}.log
   pids              $(rel "$RUN_PID") (this script), $(rel "$PIDS")/*.pid
-Check it:  scripts/smoke.sh $base_url    .venv/bin/python enclave.py probe $probe_flags $base_url
+Check it:  scripts/smoke.sh $base_url    ALFRED_ENV=local .venv/bin/python enclave.py probe $probe_flags $base_url
 Stop it:   Ctrl-C here, or $stop_hint from another terminal
 EOF
 

@@ -413,6 +413,44 @@ class TestAttestationService(DevShimCase):
         self.assertEqual(service.document(request(method="GET"))[1]["format"], "dev-shim")
         self.assertEqual(service.health(), {"source": "static", "insecure": True})
 
+    def test_static_source_binds_user_data_in_the_evidence(self):
+        static = attestation.StaticSource(self.source.document(), self.identity)
+        service = attestation.AttestationService(attestation.Attestation(self.identity, static),
+                                                 clock=self.clock)
+        b64 = (lambda b: base64.b64encode(b).decode())
+        # (name, user_data sent, user_data the verified evidence must carry)
+        cases = [("given", b"bind me to this challenge", b"bind me to this challenge"),
+                 ("empty", b"", b""), ("absent", None, None)]
+        for name, sent, bound in cases:
+            with self.subTest(name):
+                nonce = os.urandom(16)
+                body = {"nonce": b64(nonce)}
+                if sent is not None:
+                    body["user_data"] = b64(sent)
+                status, answer = service.challenge(request(body))
+                self.assertEqual(status, 200)
+                self.assertFalse(answer["nonce_bound_document"])
+                doc = self.verify(base64.b64decode(answer["document"]), expected_nonce=nonce,
+                                  evidence=base64.b64decode(answer["evidence"]))
+                self.assertIsNone(doc.user_data)  # the static document itself binds nothing
+                self.assertEqual(doc.evidence.get("user_data"), bound)
+                shown = doc.summary()["evidence"]["user_data"]
+                self.assertEqual(shown, None if bound is None else b64(bound))
+
+    def test_evidence_user_data_must_be_bytes(self):
+        document = self.source.document()
+        nonce = os.urandom(16)
+        for name, value in (("not bytes", "text"), ("too long", b"u" * 1025)):
+            with self.subTest(name):
+                evidence = self.identity.sign_claims({
+                    "intent": nitro_claims.INTENT_CHALLENGE, "nonce": nonce,
+                    "document_sha384": hashlib.sha384(document).digest(),
+                    "timestamp_ms": int(self.clock() * 1000), "user_data": value})
+                with self.assertRaises(VerificationError) as ctx:
+                    self.verify(document, expected_nonce=nonce, evidence=evidence)
+                self.assertEqual(ctx.exception.step, 8)
+                self.assertIn("user_data", str(ctx.exception))
+
     def test_source_failure_is_503(self):
         class Broken(attestation.AttestationSource):
             name, nonce_bound = "nsm", True

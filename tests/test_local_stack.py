@@ -143,7 +143,8 @@ class LocalStackTest(unittest.TestCase):
         self.assertIn(f"enclave.py probe --allow-insecure-dev --state-dir {self.state} "
                       f"{self.base_url}", self.output())  # the printed "Check it:" hint
 
-        tools_env = {**self.env, "ENCLAVE_STATE_DIR": str(self.state), "PYTHON": sys.executable}
+        tools_env = {**self.env, "ALFRED_ENV": "local", "ENCLAVE_STATE_DIR": str(self.state),
+                     "PYTHON": sys.executable}
         smoke = self.run_step("bash", str(SMOKE), self.base_url, env=tools_env)
         self.assertEqual(smoke.returncode, 0, smoke.stdout + smoke.stderr)
         self.assertNotIn("FAIL", smoke.stdout)

@@ -13,13 +13,17 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 from pathlib import Path
 
+from enclave import cli
 from enclave.host import sign as cmd_sign
+from enclave.host.args import resolve_secret
 from enclave.config import LOCAL_DEFAULT_RPC_SECRET
 from enclave.rpcauth import AuthError, RpcAuthenticator
 from tests.support import remember_secret, scan_later
@@ -48,6 +52,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self):
         auth: RpcAuthenticator = self.server.auth
+        self.server.nonces.append(self.headers.get("X-Enclave-Nonce"))
         try:
             pending = auth.precheck(self.command, self.path, self.headers, time.time())
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -71,6 +76,7 @@ class RpcShTest(unittest.TestCase):
         cls.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         cls.server.daemon_threads = True
         cls.server.reasons = []
+        cls.server.nonces = []
         cls.server.auth = RpcAuthenticator(lambda now: [SECRET, LOCAL_DEFAULT_RPC_SECRET], SKEW,
                                            allow_local_default_secret=True)
         cls.thread = threading.Thread(target=cls.server.serve_forever,
@@ -130,6 +136,22 @@ class RpcShTest(unittest.TestCase):
     def test_local_default_secret_when_unset(self):
         self.ok("POST", "/v1/rpc/echo", "{}", secret=None)
 
+    def test_nonce_starting_with_a_dash_is_sent_safely(self):
+        # openssl rand is replaced by a stub whose base64 starts with "+" ("-" in base64url),
+        # as it does about 1 time in 64; every other openssl call goes to the real one.
+        real = shutil.which("openssl")
+        with tempfile.TemporaryDirectory() as stub_dir:
+            stub = Path(stub_dir, "openssl")
+            stub.write_text('#!/usr/bin/env bash\n'
+                            'if [ "$1" = rand ]; then echo "+-leadingdashAAAAAAAAAAAAAAAAAAAAAAAAAAAA"; '
+                            f'else exec "{real}" "$@"; fi\n')
+            stub.chmod(0o755)
+            env_path = f"{stub_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+            with unittest.mock.patch.dict(os.environ, {"PATH": env_path}):
+                answer = self.ok("POST", "/v1/rpc/echo", "{}")
+        self.assertTrue(answer["ok"])
+        self.assertTrue(self.server.nonces[-1].startswith("--leadingdash"), self.server.nonces)
+
     def test_wrong_secret_is_refused_and_exits_non_zero(self):
         with self.assertLogs("enclave.rpcauth", "WARNING"):
             result = self.rpc("POST", "/v1/rpc/echo", "{}", secret=WRONG_SECRET)
@@ -181,7 +203,6 @@ class SignCommandTest(unittest.TestCase):
             ("--secret wins", ["--secret", "from-flag"], {"ENCLAVE_RPC_SHARED_SECRET": "env"},
              "from-flag"),
             ("environment", [], {"ENCLAVE_RPC_SHARED_SECRET": "from-env"}, "from-env"),
-            ("local default, ALFRED_ENV unset", [], {}, LOCAL_DEFAULT_RPC_SECRET),
             ("local default, ALFRED_ENV=local", [], {"ALFRED_ENV": "local"},
              LOCAL_DEFAULT_RPC_SECRET),
         ]
@@ -193,12 +214,65 @@ class SignCommandTest(unittest.TestCase):
                                         allow_local_default_secret=True)
                 auth.verify("GET", "/healthz", self.headers(out), b"", time.time())
 
-    def test_no_default_secret_outside_local(self):
-        for env in ("test", "staging", "production"):
-            with self.subTest(env):
-                code, out, err = self.sign(["GET", "/x"], {"ALFRED_ENV": env})
+    def test_no_default_secret_unless_alfred_env_is_local(self):
+        for name, environ in (("ALFRED_ENV unset", {}), ("ALFRED_ENV empty", {"ALFRED_ENV": ""}),
+                              ("test", {"ALFRED_ENV": "test"}),
+                              ("staging", {"ALFRED_ENV": "staging"}),
+                              ("production", {"ALFRED_ENV": "production"})):
+            with self.subTest(name):
+                code, out, err = self.sign(["GET", "/x"], environ)
                 self.assertEqual((code, out), (2, ""))
                 self.assertIn("ENCLAVE_RPC_SHARED_SECRET", err)
+                self.assertIn("ALFRED_ENV", err)
+
+    def test_resolve_secret_for_sign_and_probe(self):
+        cases = [
+            ("flag", "from-flag", {}, "from-flag"),
+            ("environment", None, {"ENCLAVE_RPC_SHARED_SECRET": "from-env"}, "from-env"),
+            ("explicit local", None, {"ALFRED_ENV": "local"}, LOCAL_DEFAULT_RPC_SECRET),
+            ("ALFRED_ENV unset", None, {}, None),
+            ("ALFRED_ENV empty", None, {"ALFRED_ENV": ""}, None),
+            ("ALFRED_ENV=test", None, {"ALFRED_ENV": "test"}, None),
+        ]
+        for name, flag, environ, expected in cases:
+            with self.subTest(name):
+                got = resolve_secret(argparse.Namespace(secret=flag), environ)
+                self.assertEqual(got, expected)
+
+    def test_nonce_starting_with_a_dash(self):
+        nonce = "-" + "a" * 21 + "-_B9"
+        for name, argv in (("--nonce=VALUE", ["--nonce=" + nonce]),
+                           ("--nonce VALUE", ["--nonce", nonce]),
+                           ("--nonce VALUE before the operands", None)):
+            with self.subTest(name):
+                base = ["sign", "POST", "/x", "--secret", SECRET, "--timestamp", "1700000000"]
+                args = base + argv if argv else ["sign", "--nonce", nonce] + base[1:]
+                out, err = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    code = cli.main(args)
+                self.assertEqual(code, 0, err.getvalue())
+                headers = self.headers(out.getvalue())
+                self.assertEqual(headers["X-Enclave-Nonce"], nonce)
+                auth = RpcAuthenticator(lambda now: [SECRET], SKEW)
+                auth.verify("POST", "/x", headers, b"", 1700000000)
+
+    def test_undecodable_secret_exits_2_without_a_traceback(self):
+        env = {k: v for k, v in os.environb.items()
+               if not k.startswith((b"ALFRED_", b"ENCLAVE_"))}
+        bad = b"caf\xe9-undecodable-\xff-secret"
+        cases = [("environment", [], {b"ENCLAVE_RPC_SHARED_SECRET": bad}),
+                 ("--secret", [b"--secret", bad], {})]
+        for name, extra, more_env in cases:
+            with self.subTest(name):
+                result = subprocess.run(
+                    [sys.executable.encode(), str(ROOT / "enclave.py").encode(), b"sign",
+                     b"GET", b"/x", *extra],
+                    env={**env, **more_env}, capture_output=True, timeout=30)
+                stderr = result.stderr.decode("utf-8", "replace")
+                self.assertEqual((result.returncode, result.stdout), (2, b""), stderr)
+                self.assertIn("UTF-8", stderr)
+                self.assertNotIn("Traceback", stderr)
+                self.assertNotIn(b"undecodable", result.stderr)
 
     def test_fixed_timestamp_and_nonce_are_deterministic(self):
         argv = ["POST", "/x", "--secret", SECRET, "--timestamp", "1700000000",

@@ -578,6 +578,31 @@ class TestCmdVerify(DevShimCase):
                 self.assertIsNone(summary)
                 self.assertTrue(err.startswith("verify: "), err)
 
+    def test_messages(self):
+        doc = self.write("m.hex", load(PROD).hex())
+        debug = self.write("m-debug.hex", load(DEBUG).hex())
+        pcr0 = PROD_PCRS[0]
+        # (name, argv, exit code, text the message must hold)
+        cases = [
+            ("debug document names --allow-debug", [debug, "--at-document-time"], 1,
+             "--allow-debug"),
+            ("pcr too short", [doc, "--at-document-time", "--pcr", "0=abcd"], 2, "96"),
+            ("pcr one digit short", [doc, "--at-document-time", "--pcr", f"0={pcr0[:-1]}"], 2,
+             "96"),
+            ("pcr too long", [doc, "--at-document-time", "--pcr", f"0={pcr0}00"], 2, "96"),
+            ("pcr index out of range", [doc, "--pcr", f"32={pcr0}"], 2, "0..31"),
+            ("negative --at says its range", [doc, "--at=-5"], 2, ">= 0"),
+            ("negative --max-age says its range", [doc, "--max-age=-1"], 2, ">= 0"),
+        ]
+        for name, argv, expected_code, text in cases:
+            with self.subTest(name):
+                code, summary, err = self.run_cli(*argv)
+                self.assertEqual(code, expected_code, err)
+                shown = summary["error"] if code == 1 else err
+                self.assertIn(text, shown)
+        code, summary, err = self.run_cli(doc, "--at-document-time", "--pcr", f"0={pcr0.upper()}")
+        self.assertEqual(code, 0, err)
+
     def test_argparse_rejects_at_with_at_document_time(self):
         with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as ctx:
             self.run_cli("x", "--at", "1", "--at-document-time")

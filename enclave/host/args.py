@@ -11,12 +11,13 @@ from cryptography import x509
 
 from .. import devpki
 from ..nitro import nitro_root_der, pem_to_der_certs
-from ..nitro.verifier import MAX_PCRS
+from ..nitro.verifier import MAX_PCRS, SHA384_BYTES
 from ..rpcauth import LOCAL_DEFAULT_RPC_SECRET
 
 DEFAULT_STATE_DIR = ".local"
 MAX_ROOT_PEM_BYTES = 64 * 1024  # a root certificate PEM is ~1 KiB
 _PCR = re.compile(r"(\d{1,2})=([0-9a-fA-F]+)")
+PCR_HEX_DIGITS = 2 * SHA384_BYTES  # every Nitro PCR is a SHA-384 value
 
 
 class UsageError(Exception):
@@ -40,25 +41,55 @@ def read_bounded(path: str, limit: int, what: str | None = None) -> bytes:
 
 
 def parse_pcrs(values: list[str]) -> dict[int, bytes]:
-    """--pcr N=HEX values as {index: bytes}."""
+    """--pcr N=HEX values as {index: bytes}: N in 0..31, HEX a SHA-384 (96 hex digits)."""
     out = {}
+    expected = (f"expected N=HEX with N in 0..{MAX_PCRS - 1} and {PCR_HEX_DIGITS} hex digits "
+                "(SHA-384)")
     for value in values:
         match = _PCR.fullmatch(value)
-        if not match or int(match[1]) >= MAX_PCRS or len(match[2]) % 2:
-            raise UsageError(f"--pcr {value!r}: expected N=HEX with N in 0..{MAX_PCRS - 1}")
+        if not match or int(match[1]) >= MAX_PCRS:
+            raise UsageError(f"--pcr {value!r}: {expected}")
+        if len(match[2]) != PCR_HEX_DIGITS:
+            raise UsageError(f"--pcr {match[1]}=: {expected}, got {len(match[2])} hex digits")
         out[int(match[1])] = bytes.fromhex(match[2])
     return out
 
 
 def resolve_secret(args, environ) -> str | None:
-    """--secret, else ENCLAVE_RPC_SHARED_SECRET, else the local default (local only)."""
-    if args.secret:
-        return args.secret
-    if environ.get("ENCLAVE_RPC_SHARED_SECRET"):
-        return environ["ENCLAVE_RPC_SHARED_SECRET"]
-    if environ.get("ALFRED_ENV", "") in ("", "local"):
+    """--secret, else ENCLAVE_RPC_SHARED_SECRET, else the published local default, which only
+    an explicit ALFRED_ENV=local enables (an unset ALFRED_ENV never does). None when there is
+    no secret; UsageError when the secret is not valid UTF-8 (undecodable bytes in argv or the
+    environment reach Python as lone surrogates, which HMAC cannot encode)."""
+    for source, value in (("--secret", args.secret),
+                          ("ENCLAVE_RPC_SHARED_SECRET", environ.get("ENCLAVE_RPC_SHARED_SECRET"))):
+        if value:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"{source} is not valid UTF-8") from None
+            return value
+    if environ.get("ALFRED_ENV") == "local":
         return LOCAL_DEFAULT_RPC_SECRET
     return None
+
+
+def attach_option_values(argv: list[str], options: dict[str, re.Pattern]) -> list[str]:
+    """`--opt VALUE` -> `--opt=VALUE` when VALUE matches the option's pattern, so a value that
+    starts with `-` (an RPC nonce, 1 time in 64) is not taken for an option by argparse."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        pattern = options.get(arg)
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        if pattern is not None and i + 1 < len(argv) and pattern.fullmatch(argv[i + 1]):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def is_insecure_root(der: bytes) -> bool:

@@ -2,8 +2,9 @@
 
 Output is one `Name: value` line per header, ready for `curl -H`. The secret comes from
 --secret, else ENCLAVE_RPC_SHARED_SECRET, else the local default secret, which is used only when
-ALFRED_ENV is unset or `local`. TARGET must be what the server accepts: ASCII (percent-encode
-anything else), no spaces, control characters or fragment, not starting with `//`.
+ALFRED_ENV=local is set. `--nonce VALUE` accepts values that start with `-`. TARGET must be
+what the server accepts: ASCII (percent-encode anything else), no spaces, control characters or
+fragment, not starting with `//`.
 Exit codes: 0 printed, 2 usage or configuration error.
 """
 
@@ -16,7 +17,7 @@ import time
 
 from ..request import target_problem
 from ..rpcauth import NONCE_RE, new_nonce, sign_request
-from .args import resolve_secret
+from .args import UsageError, attach_option_values, resolve_secret
 
 HELP = "print the X-Enclave-* headers that sign one host RPC request"
 MAX_BODY_BYTES = 1024 * 1024  # the largest RPC body the server accepts (watermark)
@@ -69,10 +70,14 @@ def run(args, environ=None) -> int:
     if args.timestamp is not None and not 0 <= args.timestamp < 10**12:
         print("sign: --timestamp must be unix seconds (at most 12 digits)", file=sys.stderr)
         return 2
-    secret = resolve_secret(args, environ)
+    try:
+        secret = resolve_secret(args, environ)
+    except UsageError as exc:
+        print(f"sign: {exc}", file=sys.stderr)
+        return 2
     if secret is None:
         print("sign: no secret: pass --secret or set ENCLAVE_RPC_SHARED_SECRET (the local "
-              "default is used only when ALFRED_ENV is local)", file=sys.stderr)
+              "default is used only when ALFRED_ENV=local is set)", file=sys.stderr)
         return 2
     try:
         body = _body(args.body_file)
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="enclave.py sign", description=HELP)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(parser.parse_args(attach_option_values(argv, {"--nonce": NONCE_RE})))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ class VerifiedDocument:
         evidence = None
         if self.evidence is not None:
             evidence = {"intent": self.evidence.get("intent"),
-                        "timestamp_ms": self.evidence.get("timestamp_ms")}
+                        "timestamp_ms": self.evidence.get("timestamp_ms"),
+                        "user_data": b64(self.evidence.get("user_data"))}
         return {
             "module_id": self.module_id,
             "digest": self.digest,
@@ -455,7 +456,7 @@ def _verify(step, cache, data, roots, at_ms, allow_debug, expected_pcrs, expecte
     debug = pcr0 is None or not any(pcr0)
     if debug and not allow_debug:
         raise VerificationError(6, "debug enclave (PCR0 is all zero or missing) rejected; "
-                                   "allow debug documents explicitly to accept it")
+                                   "accept it with --allow-debug (allow_debug=True)")
     for index, want in sorted((expected_pcrs or {}).items()):
         got = pcrs.get(index)
         if got is None or not hmac.compare_digest(got, want):
@@ -541,6 +542,10 @@ def _check_payload(payload) -> dict:
     return out
 
 
+def _describe_size(value) -> str:
+    return f"{len(value)} bytes" if isinstance(value, bytes) else type(value).__name__
+
+
 def _check_age(step: int, what: str, timestamp_ms: int, at: int, max_age_ms: int) -> None:
     age = at - timestamp_ms
     if age > max_age_ms:
@@ -575,6 +580,11 @@ def _check_evidence(evidence: bytes, public_key: bytes | None, document: bytes,
                                    f"got {ts!r:.40}")
     if max_age_ms is not None:
         _check_age(8, "evidence", ts, at, max_age_ms)
+    user_data = claims.get("user_data")  # the challenge's user_data, when one was sent
+    if "user_data" in claims and (not isinstance(user_data, bytes)
+                                  or len(user_data) > MAX_USER_FIELD_BYTES):
+        raise VerificationError(8, f"evidence user_data must be 0..{MAX_USER_FIELD_BYTES} bytes, "
+                                   f"got {_describe_size(user_data)}")
     return claims
 
 
