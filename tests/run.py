@@ -1,26 +1,38 @@
 """Run the unittest suite and end with one line: `N passed, N failed, N skipped`.
 
-Usage: python -m tests.run [-v] [PATTERN_OR_MODULE ...]
+Usage: python -m tests.run [-v] [-j N] [PATTERN_OR_MODULE ...]
+
+The whole suite runs its test modules in N worker processes (default: two per CPU, at most
+MAX_DEFAULT_JOBS): each worker runs whole modules (so setUpModule/tearDownModule hold),
+taking the next one when it is done. `-j 1`, or naming tests, runs in this process.
 
 Every log record of every logger (DEBUG and up) goes to a file of its own for this run
 (enclave-tests-*.log in the temp directory, named at the end), so concurrent runs never share one.
 After the tests, subprocess output handed to tests.support.scan_later() is appended to that file
 and the whole file is scanned for every secret registered with tests.support.remember_secret()
-and for the NEVER_LOGGED_MARKERS. Each hit is reported by kind, line number and a SHA-256 prefix
-(never the value); any hit adds one failed check ("secret leak scan") and the exit code is 1.
+(in any worker) and for the NEVER_LOGGED_MARKERS. Each hit is reported by kind, line number and
+a SHA-256 prefix (never the value); any hit adds one failed check ("secret leak scan") and the
+exit code is 1.
 """
 
+import io
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+import traceback
 import unittest
+from typing import NamedTuple
 
 from tests import support
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MAX_REPORTED_LEAKS = 50
+JOBS_PER_CPU = 2  # most test time is spent waiting on sockets and deadlines, not computing
+MAX_DEFAULT_JOBS = 4  # beyond this the cores, not the waits, bound the suite
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class CountingResult(unittest.TextTestResult):
@@ -33,16 +45,10 @@ class CountingResult(unittest.TextTestResult):
         self.passed += 1
 
 
-def open_suite_log() -> tuple[str, logging.Handler]:
-    fd, path = tempfile.mkstemp(prefix="enclave-tests-", suffix=".log")  # 0600, unique per run
+def new_log_path(prefix: str = "enclave-tests-") -> str:
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".log")  # 0600, unique per run
     os.close(fd)
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    return path, handler
+    return path
 
 
 def scan_suite_log(path: str) -> list:
@@ -59,33 +65,121 @@ def scan_suite_log(path: str) -> list:
                               source=os.path.basename(path))
 
 
-def main(argv: list[str]) -> int:
-    verbosity = 2 if "-v" in argv else 1
-    log_file, handler = open_suite_log()
-    names = [a for a in argv if a != "-v"]
-    loader = unittest.TestLoader()
-    if names:
-        suite = unittest.TestSuite(loader.loadTestsFromName(n) for n in names)
-    else:
-        suite = loader.discover("tests", pattern="test_*.py", top_level_dir=".")
-    runner = unittest.TextTestRunner(resultclass=CountingResult, verbosity=verbosity,
-                                     stream=sys.stderr)
-    started = time.monotonic()
-    result = runner.run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    skipped = len(result.skipped)
-    sys.stderr.flush()
-    elapsed = time.monotonic() - started
+class Outcome(NamedTuple):
+    """What one run (a module in a worker, or the whole suite here) counted."""
 
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    ran: int = 0
+    attached: bool = True  # the log handler was still in place at the end
+
+
+def run_tests(suite: unittest.TestSuite, stream, verbosity: int, log_path: str) -> Outcome:
+    """Run `suite` with every log record (DEBUG and up, any logger) going to `log_path`."""
     root = logging.getLogger()
+    handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    runner = unittest.TextTestRunner(resultclass=CountingResult, verbosity=verbosity,
+                                     stream=stream)
+    result = runner.run(suite)
     attached = handler in root.handlers
     root.removeHandler(handler)
     handler.close()
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    return Outcome(result.passed, failed, len(result.skipped), result.testsRun, attached)
+
+
+def _run_module(name: str) -> tuple:
+    """In a worker: run one test module; hand back its counts, output, log and secrets."""
+    log_path = new_log_path("enclave-tests-part-")
+    stream = io.StringIO()
+    try:
+        suite = unittest.TestLoader().loadTestsFromName(name)
+        outcome = run_tests(suite, stream, _worker_verbosity, log_path)
+    except Exception:  # an import error in the module: report it, never lose it
+        stream.write(f"ERROR: cannot load {name}\n{traceback.format_exc()}")
+        outcome = Outcome(failed=1, ran=1)
+    with open(log_path, encoding="utf-8", errors="replace") as fh:
+        log_text = fh.read()
+    os.unlink(log_path)
+    secrets, texts = support.REGISTRY.snapshot()
+    support.REGISTRY.texts.clear()  # each text is handed back once
+    return name, outcome, stream.getvalue(), log_text, secrets, texts
+
+
+_worker_verbosity = 1
+
+
+def _init_worker(verbosity: int) -> None:
+    global _worker_verbosity
+    _worker_verbosity = verbosity
+    logging.getLogger().handlers.clear()  # the parent's suite log is the parent's
+
+
+def module_names() -> list[str]:
+    """Every tests/test_*.py as a module name, the largest files first (a rough cost order,
+    so the long modules start early and the short ones fill the gaps)."""
+    files = [f for f in os.listdir(TESTS_DIR) if f.startswith("test_") and f.endswith(".py")]
+    files.sort(key=lambda f: (-os.path.getsize(os.path.join(TESTS_DIR, f)), f))
+    return [f"tests.{f[:-3]}" for f in files]
+
+
+def run_parallel(jobs: int, verbosity: int, log_file: str) -> Outcome:
+    """Modules in `jobs` forked workers; their logs and registries are merged into this run's."""
+    total = Outcome()
+    context = multiprocessing.get_context("fork")  # workers start from this clean process
+    with context.Pool(jobs, initializer=_init_worker, initargs=(verbosity,)) as pool, \
+            open(log_file, "a", encoding="utf-8") as log:
+        for name, outcome, output, log_text, secrets, texts in pool.imap_unordered(
+                _run_module, module_names(), chunksize=1):
+            sys.stderr.write(f"{name}: {outcome.passed} passed, {outcome.failed} failed, "
+                             f"{outcome.skipped} skipped\n")
+            if outcome.failed or verbosity > 1:
+                sys.stderr.write(output)
+            log.write(f"===== {name} =====\n{log_text}")
+            for value, kind in secrets.items():
+                support.REGISTRY.values.setdefault(value, kind)
+            support.REGISTRY.texts.extend(texts)
+            total = Outcome(*(a + b for a, b in zip(total[:4], outcome[:4])),
+                            attached=total.attached and outcome.attached)
+    return total
+
+
+def main(argv: list[str]) -> int:
+    verbosity = 2 if "-v" in argv else 1
+    jobs, names, args = None, [], iter(argv)
+    for arg in args:
+        if arg == "-j":
+            jobs = int(next(args, "1"))
+        elif arg != "-v":
+            names.append(arg)
+    if jobs is None:
+        jobs = 1 if names else max(1, min(JOBS_PER_CPU * (os.cpu_count() or 1), MAX_DEFAULT_JOBS))
+    log_file = new_log_path()
+    started = time.monotonic()
+    if jobs > 1 and not names:
+        outcome = run_parallel(jobs, verbosity, log_file)
+    else:
+        loader = unittest.TestLoader()
+        if names:
+            suite = unittest.TestSuite(loader.loadTestsFromName(n) for n in names)
+        else:
+            suite = loader.discover("tests", pattern="test_*.py", top_level_dir=".")
+        outcome = run_tests(suite, sys.stderr, verbosity, log_file)
+    sys.stderr.flush()
+    elapsed = time.monotonic() - started
+    failed, attached = outcome.failed, outcome.attached
+
     scan_started = time.monotonic()
     leaks = scan_suite_log(log_file)
     scan_s = time.monotonic() - scan_started
     size_kib = os.path.getsize(log_file) / 1024
-    print(f"suite took {elapsed:.1f}s; runtime logs in {log_file} ({size_kib:.0f} KiB)")
+    print(f"suite took {elapsed:.1f}s with {jobs} process(es); runtime logs in {log_file} "
+          f"({size_kib:.0f} KiB)")
     registered = len(support.REGISTRY.values)
     if not attached:
         print("secret leak scan: FAILED: the suite log handler was removed during the run "
@@ -102,8 +196,8 @@ def main(argv: list[str]) -> int:
     else:
         print(f"secret leak scan: clean ({registered} registered values, "
               f"{len(support.NEVER_LOGGED_MARKERS)} marker(s), {scan_s:.1f}s)")
-    print(f"{result.passed} passed, {failed} failed, {skipped} skipped")
-    if result.testsRun == 0:
+    print(f"{outcome.passed} passed, {failed} failed, {outcome.skipped} skipped")
+    if outcome.ran == 0:
         print("no test ran")
         return 1
     return 0 if failed == 0 else 1
