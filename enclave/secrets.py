@@ -298,11 +298,16 @@ def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
                                      f"now is {_utc(now)}")
     if now > not_after:
         raise CertificateExpired(f"client_cert expired at {_utc(not_after)}, now is {_utc(now)}")
-    # (5) the CA (one or more certificates) parses.
+    # (5) the CA (one or more certificates) parses...
     try:
         cas = x509.load_pem_x509_certificates(pems["ca_cert"])
     except ValueError:
         raise InvalidCa(f"{key}.ca_cert is not a PEM certificate (or bundle)") from None
+    # (6) ...and every certificate in it can verify a server at `now`: a bundle is trusted as a
+    # whole, so one unusable member refuses it (the old CA stays in force).
+    for index, ca in enumerate(cas, start=1):
+        where = f"{key}.ca_cert" + (f" certificate {index} of {len(cas)}" if len(cas) > 1 else "")
+        _check_ca(ca, where, now)
 
     pem = serialization.Encoding.PEM
     return MtlsMaterial(
@@ -312,6 +317,31 @@ def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
         ca_cert_pem=b"".join(c.public_bytes(pem) for c in cas),
         not_before=not_before, not_after=not_after,
     )
+
+
+def _check_ca(ca: x509.Certificate, where: str, now: datetime) -> None:
+    """A CA certificate usable as a trust anchor at `now`, or InvalidCa naming the rule."""
+    not_before, not_after = ca.not_valid_before_utc, ca.not_valid_after_utc
+    if now < not_before:
+        raise InvalidCa(f"{where} is valid from {_utc(not_before)}, now is {_utc(now)}")
+    if now > not_after:
+        raise InvalidCa(f"{where} expired at {_utc(not_after)}, now is {_utc(now)}")
+    try:
+        extensions = ca.extensions
+    except ValueError:  # duplicate or malformed extensions
+        raise InvalidCa(f"{where} has malformed extensions") from None
+    try:
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise InvalidCa(f"{where} has no basicConstraints; expected CA:TRUE") from None
+    if not constraints.ca:
+        raise InvalidCa(f"{where} has basicConstraints CA:FALSE; expected CA:TRUE")
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return  # no keyUsage: not restricted (RFC 5280 4.2.1.3)
+    if not usage.key_cert_sign:
+        raise InvalidCa(f"{where} has a keyUsage without keyCertSign; expected keyCertSign")
 
 
 def _validate_endpoint(unverified) -> str:

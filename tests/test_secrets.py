@@ -34,6 +34,24 @@ def shared_ca() -> TestCA:
     return _CA
 
 
+_UNUSABLE_CAS: list[tuple[str, TestCA]] | None = None
+
+
+def unusable_cas() -> list[tuple[str, TestCA]]:
+    """(name, CA) for every shape of `ca_cert` that must be refused `invalid_ca` at NOW."""
+    global _UNUSABLE_CAS
+    if _UNUSABLE_CAS is None:
+        day = dt.timedelta(days=1)
+        _UNUSABLE_CAS = [
+            ("expired", TestCA("Expired CA", not_before=NOW - 10 * day, not_after=NOW - day)),
+            ("not yet valid", TestCA("Future CA", not_before=NOW + day, not_after=NOW + 10 * day)),
+            ("CA:FALSE", TestCA("Not A CA", ca=False)),
+            ("no basicConstraints", TestCA("No Constraints CA", ca=None)),
+            ("keyUsage without keyCertSign", TestCA("No CertSign CA", key_cert_sign=False)),
+        ]
+    return _UNUSABLE_CAS
+
+
 def mtls_object(issued=None, *, key_pem: bytes | None = None, ca_pem: bytes | None = None) -> dict:
     """An MTLS_CLIENT_CERT_JSON object for a client certificate from the test CA."""
     issued = issued or shared_ca().issue("enclave-client")
@@ -199,6 +217,36 @@ class ApplyUpdateRefusalTest(unittest.TestCase):
         self.assertEqual(len(codes), len(set(codes)))
         for code in codes:
             self.assertRegex(code, r"^[a-z]+(_[a-z]+)*$")
+
+
+class UnusableCaTest(unittest.TestCase):
+    """A `ca_cert` the TLS stack cannot verify a server with is refused, never acknowledged."""
+
+    def test_unusable_ca_is_refused(self):
+        good = shared_ca().issue("enclave-client")
+        for name, ca in unusable_cas():
+            for shape, ca_pem in (("alone", ca.cert_pem),
+                                  ("second in a bundle", shared_ca().cert_pem + ca.cert_pem)):
+                with self.subTest(name, shape=shape):
+                    payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(good, ca_pem=ca_pem)}
+                    with self.assertRaises(secrets.InvalidCa) as caught:
+                        apply_update(SecretsState(), payload, NOW)
+                    self.assertEqual(caught.exception.code, "invalid_ca")
+                    self.assertIn("ca_cert", caught.exception.message)
+                    for secret in secret_strings(payload):
+                        self.assertNotIn(secret, caught.exception.message)
+
+    def test_ca_validity_is_judged_at_now(self):
+        ca = TestCA("Short CA", not_before=NOW - dt.timedelta(hours=1),
+                    not_after=NOW + dt.timedelta(hours=1))
+        issued = ca.issue("enclave-client", not_before=NOW - dt.timedelta(hours=3),
+                          not_after=NOW + dt.timedelta(days=2))
+        payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(issued, ca_pem=ca.cert_pem)}
+        apply_update(SecretsState(), payload, NOW)
+        for moment in (NOW + dt.timedelta(hours=2), NOW - dt.timedelta(hours=2)):
+            with self.subTest(moment=moment):
+                with self.assertRaises(secrets.InvalidCa):
+                    apply_update(SecretsState(), payload, moment)
 
 
 class ApplyUpdateMergeTest(unittest.TestCase):

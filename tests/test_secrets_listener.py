@@ -27,7 +27,8 @@ from enclave.secrets_listener import SecretsListener, wait_for_initial
 from enclave.secretstore import RPC_SECRET_GRACE_S, SecretStore
 from tests.fakes.pki import TestCA
 from tests.support import remember_secret
-from tests.test_secrets import mtls_object, quiet_enclave_logs, secret_strings, shared_ca
+from tests.test_secrets import (mtls_object, quiet_enclave_logs, secret_strings, shared_ca,
+                                unusable_cas)
 
 LOOPBACK_ANY = parse_address("tcp:127.0.0.1:0")
 SHORT_IDLE_S = 0.3  # the injected idle timeout: the drip test runs in well under a second
@@ -449,6 +450,30 @@ class StoreTest(ChannelTestCase):
         self.assertEqual(ack["version"], 1)
         self.assertEqual(file_hashes(self.certs_dir), hashes)
         self.assertIs(store.mtls().context, context)
+
+    def test_an_unusable_ca_is_refused_and_the_previous_set_stays_in_force(self):
+        store = self.make_store()
+        first = {"MTLS_CLIENT_CERT_JSON": mtls_object(), "ECS_WATERMARK_ENDPOINT": "https://wm.internal"}
+        self.assertTrue(store.deliver(self.payload(first))["ok"])
+        for name, ca in unusable_cas():
+            with self.subTest(name):
+                hashes, snapshot, version = (file_hashes(self.certs_dir), store.mtls(),
+                                             store.version)
+                gens = sorted(p.name for p in self.certs_dir.iterdir())
+                payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(ca_pem=ca.cert_pem),
+                           "ECS_WATERMARK_ENDPOINT": "https://other.internal"}
+                ack = store.deliver(self.payload(payload))
+                self.assertEqual(ack["ok"], False, ack)
+                self.assertEqual(ack["error"]["code"], "invalid_ca", ack)
+                self.assertEqual(ack["version"], version)
+                for secret in secret_strings(payload):
+                    self.assertNotIn(secret, json.dumps(ack))
+                self.assertEqual(file_hashes(self.certs_dir), hashes)
+                self.assertEqual(sorted(p.name for p in self.certs_dir.iterdir()), gens)
+                self.assertIs(store.mtls(), snapshot)
+                self.assertEqual(store.version, version)
+                self.assertEqual(store.mtls().endpoint, "https://wm.internal")
+                self.assertEqual(store.health()["mtls"]["configured"], True)
 
     def test_a_key_the_tls_library_refuses_is_refused_before_any_change(self):
         from cryptography.hazmat.primitives.asymmetric import rsa
