@@ -27,8 +27,8 @@ from enclave.secrets_listener import SecretsListener, wait_for_initial
 from enclave.secretstore import RPC_SECRET_GRACE_S, SecretStore
 from tests.fakes.pki import TestCA
 from tests.support import remember_secret
-from tests.test_secrets import (mtls_object, quiet_enclave_logs, secret_strings, shared_ca,
-                                unusable_cas)
+from tests.test_secrets import (BAD_ENDPOINTS, mtls_object, quiet_enclave_logs, secret_strings,
+                                shared_ca, unusable_cas, unusable_string_cases)
 
 LOOPBACK_ANY = parse_address("tcp:127.0.0.1:0")
 SHORT_IDLE_S = 0.3  # the injected idle timeout: the drip test runs in well under a second
@@ -474,6 +474,28 @@ class StoreTest(ChannelTestCase):
                 self.assertEqual(store.version, version)
                 self.assertEqual(store.mtls().endpoint, "https://wm.internal")
                 self.assertEqual(store.health()["mtls"]["configured"], True)
+
+    def test_strings_the_runtime_cannot_use_are_refused_with_their_code(self):
+        """A surrogate or control character is a refusal naming the key's rule, never
+        `internal_error`, and nothing changes (the old values stay in force)."""
+        store = self.make_store()
+        first = {"MTLS_CLIENT_CERT_JSON": mtls_object(), "ECS_WATERMARK_ENDPOINT": "https://wm.internal",
+                 "GOOGLE_OAUTH_CLIENT_ID": "client-id", "GOOGLE_OAUTH_CLIENT_SECRET": "google-secret-value"}
+        self.assertTrue(store.deliver(self.payload(first))["ok"])
+        cases = unusable_string_cases() + [
+            (f"endpoint: {name}", {"ECS_WATERMARK_ENDPOINT": url}, "invalid_endpoint")
+            for name, url in BAD_ENDPOINTS]
+        for name, payload, code in cases:
+            with self.subTest(name):
+                hashes, state, snapshot = file_hashes(self.certs_dir), store.current(), store.mtls()
+                ack = store.deliver(json.dumps(payload).encode())
+                self.assertEqual(ack["ok"], False, ack)
+                self.assertEqual(ack["error"]["code"], code, ack)
+                for secret in secret_strings(payload):
+                    self.assertNotIn(secret, json.dumps(ack))
+                self.assertEqual(file_hashes(self.certs_dir), hashes)
+                self.assertIs(store.current(), state)
+                self.assertIs(store.mtls(), snapshot)
 
     def test_a_key_the_tls_library_refuses_is_refused_before_any_change(self):
         from cryptography.hazmat.primitives.asymmetric import rsa
