@@ -556,7 +556,8 @@ class StoreTest(ChannelTestCase):
 
     def test_an_unusable_ca_is_refused_and_the_previous_set_stays_in_force(self):
         store = self.make_store()
-        first = {"MTLS_CLIENT_CERT_JSON": mtls_object(), "ECS_WATERMARK_ENDPOINT": "https://wm.internal"}
+        first = {"MTLS_CLIENT_CERT_JSON": mtls_object(),
+                 "ECS_WATERMARK_ENDPOINT": "https://wm.internal"}
         self.assertTrue(store.deliver(self.payload(first))["ok"])
         for name, ca in unusable_cas():
             with self.subTest(name):
@@ -582,8 +583,10 @@ class StoreTest(ChannelTestCase):
         """A surrogate or control character is a refusal naming the key's rule, never
         `internal_error`, and nothing changes (the old values stay in force)."""
         store = self.make_store()
-        first = {"MTLS_CLIENT_CERT_JSON": mtls_object(), "ECS_WATERMARK_ENDPOINT": "https://wm.internal",
-                 "GOOGLE_OAUTH_CLIENT_ID": "client-id", "GOOGLE_OAUTH_CLIENT_SECRET": "google-secret-value"}
+        first = {"MTLS_CLIENT_CERT_JSON": mtls_object(),
+                 "ECS_WATERMARK_ENDPOINT": "https://wm.internal",
+                 "GOOGLE_OAUTH_CLIENT_ID": "client-id",
+                 "GOOGLE_OAUTH_CLIENT_SECRET": "google-secret-value"}
         self.assertTrue(store.deliver(self.payload(first))["ok"])
         cases = unusable_string_cases() + [
             (f"endpoint: {name}", {"ECS_WATERMARK_ENDPOINT": url}, "invalid_endpoint")
