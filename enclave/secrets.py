@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,9 @@ from .errors import EnclaveError
 MAX_DELIVERY_BYTES = 256 * 1024  # one delivery; a certificate bundle is a few KiB
 MIN_RPC_SECRET_BYTES = 32  # a delivered or configured RPC shared secret: at least 256 bits
 SEALING_KEY_BYTES = 32  # the token sealing key is an AES-256 key
+MAX_ENDPOINT_CHARS = 2048  # ECS_WATERMARK_ENDPOINT: a URL longer than this is a mistake
+MAX_HOSTNAME_CHARS = 253  # RFC 1035 2.3.4, in the ASCII (IDNA) form, without a trailing dot
+MAX_LABEL_CHARS = 63  # RFC 1035 2.3.4
 
 MTLS_CLIENT_CERT_JSON = "MTLS_CLIENT_CERT_JSON"
 ECS_WATERMARK_ENDPOINT = "ECS_WATERMARK_ENDPOINT"
@@ -45,6 +49,18 @@ MTLS_FIELDS = ("client_cert", "client_key", "ca_cert")
 # A key name is echoed in an error only when it looks like a variable name (a sender could
 # put anything, even a secret, in a key).
 _ECHOABLE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
+# C0 controls, DEL and C1 controls: refused in credentials (they go into form fields and header
+# values, where a control character is refused or splits the field) and anywhere in a URL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# One DNS label in its ASCII form: letters, digits, inner hyphens (RFC 952/1123 "LDH").
+_LDH_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+# A last label that resolvers and URL parsers read as a number (decimal or hex), i.e. an IPv4
+# address in a form other than the dotted quad: refused rather than guessed at.
+_NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0x[0-9a-f]*)$")
+# The part of the URL after the host: a port, then a path of printable ASCII without spaces
+# (what http.client can put in a request line); no query or fragment.
+_NETLOC_PORT = re.compile(r"^(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>[0-9]{1,5}))?$")
+_PATH = re.compile(r"^(?:/[\x21-\x7e]*)?$")
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -243,6 +259,25 @@ def _require_str(key: str, unverified) -> str:
     return unverified
 
 
+def _is_utf8(text: str) -> bool:
+    """False for a string holding a lone UTF-16 surrogate (JSON "\\ud800" decodes to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _require_credential(key: str, unverified) -> str:
+    """A non-empty string that is UTF-8 text without control characters (invalid_secret)."""
+    value = _require_str(key, unverified)
+    if not _is_utf8(value):
+        raise InvalidSecret(f"{key} must be UTF-8 text; it holds a lone UTF-16 surrogate")
+    if _CONTROL.search(value):
+        raise InvalidSecret(f"{key} must not contain control characters")
+    return value
+
+
 def _utc(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -269,6 +304,8 @@ def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
         if not isinstance(value, str) or not value.strip():
             got = "missing" if name not in unverified else f"a JSON {_json_type(value)}"
             raise InvalidType(f"{key}.{name} must be a PEM string, got {got}")
+        if not _is_utf8(value):
+            raise InvalidType(f"{key}.{name} must be PEM text; it holds a lone UTF-16 surrogate")
         pems[name] = value.encode("utf-8")
 
     # (1) the client chain parses; the first certificate is the client's.
@@ -299,11 +336,16 @@ def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
                                      f"now is {_utc(now)}")
     if now > not_after:
         raise CertificateExpired(f"client_cert expired at {_utc(not_after)}, now is {_utc(now)}")
-    # (5) the CA (one or more certificates) parses.
+    # (5) the CA (one or more certificates) parses...
     try:
         cas = x509.load_pem_x509_certificates(pems["ca_cert"])
     except ValueError:
         raise InvalidCa(f"{key}.ca_cert is not a PEM certificate (or bundle)") from None
+    # (6) ...and every certificate in it can verify a server at `now`: a bundle is trusted as a
+    # whole, so one unusable member refuses it (the old CA stays in force).
+    for index, ca in enumerate(cas, start=1):
+        where = f"{key}.ca_cert" + (f" certificate {index} of {len(cas)}" if len(cas) > 1 else "")
+        _check_ca(ca, where, now)
 
     pem = serialization.Encoding.PEM
     return MtlsMaterial(
@@ -315,30 +357,115 @@ def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
     )
 
 
+def _check_ca(ca: x509.Certificate, where: str, now: datetime) -> None:
+    """A CA certificate usable as a trust anchor at `now`, or InvalidCa naming the rule."""
+    not_before, not_after = ca.not_valid_before_utc, ca.not_valid_after_utc
+    if now < not_before:
+        raise InvalidCa(f"{where} is valid from {_utc(not_before)}, now is {_utc(now)}")
+    if now > not_after:
+        raise InvalidCa(f"{where} expired at {_utc(not_after)}, now is {_utc(now)}")
+    try:
+        extensions = ca.extensions
+    except ValueError:  # duplicate or malformed extensions
+        raise InvalidCa(f"{where} has malformed extensions") from None
+    try:
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise InvalidCa(f"{where} has no basicConstraints; expected CA:TRUE") from None
+    if not constraints.ca:
+        raise InvalidCa(f"{where} has basicConstraints CA:FALSE; expected CA:TRUE")
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return  # no keyUsage: not restricted (RFC 5280 4.2.1.3)
+    if not usage.key_cert_sign:
+        raise InvalidCa(f"{where} has a keyUsage without keyCertSign; expected keyCertSign")
+
+
 def _validate_endpoint(unverified) -> str:
+    """An https:// URL the runtime can connect to: the host passes the IDNA codec that `socket`
+    and `ssl` (server_hostname) apply, or is an IP literal; everything else is printable ASCII."""
     key = ECS_WATERMARK_ENDPOINT
     value = _require_str(key, unverified)
+    if len(value) > MAX_ENDPOINT_CHARS:
+        raise InvalidEndpoint(f"{key} must be at most {MAX_ENDPOINT_CHARS} characters, "
+                              f"got {len(value)}")
+    if not _is_utf8(value):
+        raise InvalidEndpoint(f"{key} must be UTF-8 text; it holds a lone UTF-16 surrogate")
+    # Checked before parsing: urlsplit silently drops tabs and newlines.
+    if _CONTROL.search(value) or any(c.isspace() for c in value):
+        raise InvalidEndpoint(f"{key} must not contain spaces or control characters")
+    if "?" in value or "#" in value:
+        raise InvalidEndpoint(f"{key} must not have a query or fragment")
     try:
         parts = urlsplit(value)
-        parts.port  # raises ValueError on a malformed port
     except ValueError:
         raise InvalidEndpoint(f"{key} must be an https:// URL with a host; "
                               "it does not parse") from None
     if parts.scheme != "https":
         raise InvalidEndpoint(f"{key} must be an https:// URL, got scheme "
                               f"{parts.scheme + '://' if parts.scheme else 'none'}")
-    if not parts.hostname:
-        raise InvalidEndpoint(f"{key} must be an https:// URL with a host")
-    if parts.username is not None or parts.password is not None:
+    if "@" in parts.netloc:
         raise InvalidEndpoint(f"{key} must not carry credentials")
-    if parts.query or parts.fragment:
-        raise InvalidEndpoint(f"{key} must not have a query or fragment")
+    netloc = _NETLOC_PORT.match(parts.netloc)
+    if netloc is None:
+        raise InvalidEndpoint(f"{key} must be https://HOST[:PORT][/PATH]; the host and port "
+                              "do not parse")
+    _check_host(key, netloc.group("host"))
+    port = netloc.group("port")
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise InvalidEndpoint(f"{key} port must be 1..65535, got {int(port)}")
+    if not _PATH.match(parts.path):
+        raise InvalidEndpoint(f"{key} path must be printable ASCII (percent-encode the rest)")
     return value
+
+
+def _check_host(key: str, host: str) -> None:
+    """The URL's host: an IPv4 dotted quad, a bracketed IPv6 address without a zone, or a DNS
+    name whose IDNA (ASCII) form has LDH labels of 1..63 and at most 253 characters."""
+    if not host:
+        raise InvalidEndpoint(f"{key} must be an https:// URL with a host")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidEndpoint(f"{key} host in brackets must be an IPv6 address") from None
+        if "%" in host:
+            raise InvalidEndpoint(f"{key} IPv6 host must not carry a zone id")
+        return
+    try:
+        ipaddress.IPv4Address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        ascii_name = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise InvalidEndpoint(f"{key} host is not a valid IDNA hostname (empty label, label "
+                              f"over {MAX_LABEL_CHARS} characters or a disallowed character)"
+                              ) from None
+    labels = ascii_name.split(".")
+    if not all(labels):
+        raise InvalidEndpoint(f"{key} host must not have an empty label (or a trailing dot)")
+    if len(ascii_name) > MAX_HOSTNAME_CHARS:
+        raise InvalidEndpoint(f"{key} host must be at most {MAX_HOSTNAME_CHARS} characters "
+                              f"in IDNA form, got {len(ascii_name)}")
+    for label in labels:
+        if len(label) > MAX_LABEL_CHARS or not _LDH_LABEL.match(label):
+            raise InvalidEndpoint(f"{key} host labels must be 1..{MAX_LABEL_CHARS} letters, "
+                                  "digits or inner hyphens")
+        if label.startswith("xn--"):
+            try:
+                label.encode("ascii").decode("idna")
+            except UnicodeError:
+                raise InvalidEndpoint(f"{key} host has an invalid IDNA A-label") from None
+    if _NUMERIC_LABEL.match(labels[-1]):
+        raise InvalidEndpoint(f"{key} host looks like an IPv4 address but is not a dotted quad")
 
 
 def _validate_rpc_secret(unverified) -> str:
     key = ENCLAVE_RPC_SHARED_SECRET
-    value = _require_str(key, unverified)
+    value = _require_credential(key, unverified)
     size = len(value.encode("utf-8"))
     if size < MIN_RPC_SECRET_BYTES:
         raise InvalidSecret(f"{key} must be at least {MIN_RPC_SECRET_BYTES} bytes, got {size}")
@@ -347,7 +474,7 @@ def _validate_rpc_secret(unverified) -> str:
 
 def _validate_sealing_key(unverified) -> bytes:
     key = ENCLAVE_TOKEN_SEALING_KEY
-    value = _require_str(key, unverified)
+    value = _require_credential(key, unverified)
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -366,7 +493,7 @@ def validate_value(key: str, unverified, now: datetime):
     if key == ECS_WATERMARK_ENDPOINT:
         return _validate_endpoint(unverified)
     if key in (GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET):
-        return _require_str(key, unverified)
+        return _require_credential(key, unverified)
     if key == ENCLAVE_RPC_SHARED_SECRET:
         return _validate_rpc_secret(unverified)
     if key == ENCLAVE_TOKEN_SEALING_KEY:

@@ -12,10 +12,15 @@ Choices:
   CONNECTION_TIMEOUT_S plus the lingering close); deliveries can never interleave. The store's
   own lock also serializes any other caller of `SecretStore.apply`.
 - A peer not in the allowed list is refused before any of its bytes is read: the decision is
-  made on its address alone and the `peer_not_allowed` ack is sent at once. What it may already
-  have written is then discarded unparsed during the lingering close below.
+  made on its address alone and the `peer_not_allowed` ack is sent at once, without waiting
+  (a few hundred bytes always fit a new connection's buffer). A refused peer never costs the
+  listener thread any waiting: its lingering close (below) runs beside it, in one short-lived
+  thread per refused connection, at most MAX_LINGERING_REFUSALS at once; past that bound the
+  connection is reset at once (SO_LINGER 0), so a flood of silent refused peers can neither
+  hold the listener nor grow without bound.
 - After the ack, a lingering close: shut down our side, then discard what the sender may still
-  be writing (bounded), so its kernel does not get a reset that could eat the ack.
+  be writing (bounded), so its kernel does not get a reset that could eat the ack. For an
+  allowed sender it runs on the listener thread (the next delivery waits at most LINGER_S).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import socket
 import socketserver
+import struct
 import threading
 import time
 
@@ -40,6 +46,11 @@ CONNECTION_TIMEOUT_S = 30.0  # a whole delivery must arrive within this
 ACK_SEND_TIMEOUT_S = 5.0  # writing the one-line ack
 LINGER_S = 1.0  # after the ack: how long to discard what the sender still writes
 LINGER_MAX_BYTES = 1024 * 1024  # ...and how much of it
+# Refused connections lingering beside the listener thread at once (each a thread for at most
+# LINGER_S); more than this many at once is a flood, and the rest are reset without lingering.
+MAX_LINGERING_REFUSALS = 16
+LINGER_JOIN_S = 2.0  # shutdown: how long to wait for each lingering refusal to end
+_SO_LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close() sends a reset
 RECV_CHUNK_BYTES = 64 * 1024
 LISTEN_BACKLOG = 8  # senders queued behind the one being served
 SHUTDOWN_POLL_S = 0.1  # how often serve_forever checks for shutdown (bounds shutdown latency)
@@ -101,6 +112,9 @@ class SecretsListener:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._active: socket.socket | None = None
+        # Refused connections lingering beside the listener: socket -> its thread.
+        self._lingering: dict[socket.socket, threading.Thread] = {}
+        self._lingering_lock = threading.Lock()
         self._metrics.describe(M_CONNECTIONS, "counter", "Connections to the secrets listener")
 
     @property
@@ -147,6 +161,14 @@ class SecretsListener:
             self._thread.join()
             self._thread = None
         self._server.server_close()
+        with self._lingering_lock:
+            lingering = list(self._lingering.items())
+        for sock, thread in lingering:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes its recv: the linger ends now
+            except OSError:
+                pass
+            thread.join(LINGER_JOIN_S)
 
     # --- one connection ---------------------------------------------------------------------
 
@@ -159,9 +181,49 @@ class SecretsListener:
         self._metrics.inc(M_CONNECTIONS, {"peer": "refused"})
         ack = self._store.refuse(PeerNotAllowed(f"peer {peer} is not in "
                                                 f"ENCLAVE_SECRETS_ALLOWED_PEERS"), peer)
-        if self._send_ack(sock, ack):
-            self._linger(sock)  # discards, never parses, what it wrote
-        return False  # socketserver closes the socket
+        if self._send_ack(sock, ack, timeout=0):  # never waits on the peer
+            self._linger_aside(sock)  # discards, never parses, what it wrote
+        return False  # socketserver closes this socket object (a lingering copy stays open)
+
+    def _linger_aside(self, sock: socket.socket) -> None:
+        """The lingering close of a refused connection, off the listener thread (bounded)."""
+        if self._start_linger_thread(sock):
+            return
+        log.warning("Secrets listener: %d refused connections already closing; resetting "
+                    "this one", MAX_LINGERING_REFUSALS)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_RESET)
+        except OSError:
+            pass
+
+    def _start_linger_thread(self, sock: socket.socket) -> bool:
+        with self._lingering_lock:
+            if self._stopping or len(self._lingering) >= MAX_LINGERING_REFUSALS:
+                return False
+            try:
+                # socketserver closes `sock` when _admit returns; this duplicate keeps the
+                # connection open (no reset) until the linger ends.
+                copy = sock.dup()
+            except OSError:
+                return False
+            thread = threading.Thread(target=self._linger_then_close, args=(copy,),
+                                      name="secrets-refused-linger", daemon=True)
+            self._lingering[copy] = thread
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had
+                del self._lingering[copy]
+                copy.close()
+                return False
+            return True
+
+    def _linger_then_close(self, sock: socket.socket) -> None:
+        try:
+            self._linger(sock)
+        finally:
+            with self._lingering_lock:
+                self._lingering.pop(sock, None)
+            sock.close()
 
     def _serve(self, sock: socket.socket, client_address) -> None:
         peer = _normalize_peer(peer_label(sock.family, client_address))
@@ -212,10 +274,10 @@ class SecretsListener:
                 return bytes(buffer)
 
     @staticmethod
-    def _send_ack(sock: socket.socket, ack: dict) -> bool:
+    def _send_ack(sock: socket.socket, ack: dict, timeout: float = ACK_SEND_TIMEOUT_S) -> bool:
         line = json.dumps(ack, separators=(", ", ": ")).encode("utf-8") + b"\n"
         try:
-            sock.settimeout(ACK_SEND_TIMEOUT_S)
+            sock.settimeout(timeout)
             sock.sendall(line)
         except OSError as exc:
             log.warning("Secrets listener: could not send the ack (%s)",

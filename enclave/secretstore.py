@@ -69,7 +69,9 @@ class SecretStore:
     def __init__(self, settings, metrics: Metrics | None = None, now_fn=None, *,
                  lock_timeout_s: float = APPLY_LOCK_TIMEOUT_S, before_swap=None):
         """Initial values come from `settings` (environment; local). An invalid
-        MTLS_CLIENT_CERT_JSON there raises SecretsError (the caller exits 2).
+        MTLS_CLIENT_CERT_JSON there raises SecretsError (the caller exits 2). The certs
+        directory is settled first (certstore.recover): an update a crash interrupted in an
+        earlier run leaves the old complete set or the new one, never a mix.
 
         `before_swap(new_state, changed)`, for tests only, runs under the lock after the new
         context is built and before anything becomes visible.
@@ -83,6 +85,11 @@ class SecretStore:
         self._before_swap = before_swap
         self._received = threading.Event()
         self._describe_metrics()
+        try:
+            # A crash during an earlier run's update left the old or the new set; settle it.
+            certstore.recover(self._certs_dir)
+        except certstore.CertStoreError as exc:
+            log.error("%s; the next certificate delivery will try again", exc)
 
         values = {
             ECS_WATERMARK_ENDPOINT: settings.ecs_watermark_endpoint,

@@ -34,6 +34,24 @@ def shared_ca() -> TestCA:
     return _CA
 
 
+_UNUSABLE_CAS: list[tuple[str, TestCA]] | None = None
+
+
+def unusable_cas() -> list[tuple[str, TestCA]]:
+    """(name, CA) for every shape of `ca_cert` that must be refused `invalid_ca` at NOW."""
+    global _UNUSABLE_CAS
+    if _UNUSABLE_CAS is None:
+        day = dt.timedelta(days=1)
+        _UNUSABLE_CAS = [
+            ("expired", TestCA("Expired CA", not_before=NOW - 10 * day, not_after=NOW - day)),
+            ("not yet valid", TestCA("Future CA", not_before=NOW + day, not_after=NOW + 10 * day)),
+            ("CA:FALSE", TestCA("Not A CA", ca=False)),
+            ("no basicConstraints", TestCA("No Constraints CA", ca=None)),
+            ("keyUsage without keyCertSign", TestCA("No CertSign CA", key_cert_sign=False)),
+        ]
+    return _UNUSABLE_CAS
+
+
 def mtls_object(issued=None, *, key_pem: bytes | None = None, ca_pem: bytes | None = None) -> dict:
     """An MTLS_CLIENT_CERT_JSON object for a client certificate from the test CA."""
     issued = issued or shared_ca().issue("enclave-client")
@@ -199,6 +217,158 @@ class ApplyUpdateRefusalTest(unittest.TestCase):
         self.assertEqual(len(codes), len(set(codes)))
         for code in codes:
             self.assertRegex(code, r"^[a-z]+(_[a-z]+)*$")
+
+
+LONE_SURROGATE = "\ud800"  # what JSON "\ud800" decodes to: not encodable as UTF-8
+
+
+def unusable_string_cases() -> list[tuple[str, dict, str]]:
+    """(name, payload, expected code): strings the runtime could not use (surrogates, controls).
+
+    Each payload is what parse_delivery makes of a JSON delivery (json.dumps writes a lone
+    surrogate as the escape "\ud800", exactly as a sender would).
+    """
+    issued = shared_ca().issue("enclave-client")
+    mtls = "MTLS_CLIENT_CERT_JSON"
+
+    def in_pem_body(pem: bytes, char: str) -> str:
+        lines = pem.decode().splitlines()
+        lines[1] = lines[1][:10] + char + lines[1][10:]
+        return "\n".join(lines) + "\n"
+
+    remember_secret("unusable-secret", kind="refused google client secret")
+    cases = []
+    for char, what in ((LONE_SURROGATE, "a lone surrogate"), ("\x00", "NUL"), ("\n", "newline"),
+                       ("\x7f", "DEL"), ("\x85", "a C1 control")):
+        cases += [
+            (f"GOOGLE_OAUTH_CLIENT_ID with {what}",
+             {"GOOGLE_OAUTH_CLIENT_ID": f"client{char}-id.apps"}, "invalid_secret"),
+            (f"GOOGLE_OAUTH_CLIENT_SECRET with {what}",
+             {"GOOGLE_OAUTH_CLIENT_SECRET": f"GOCSPX-{char}unusable-secret"}, "invalid_secret"),
+            (f"ENCLAVE_RPC_SHARED_SECRET with {what}",
+             {"ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET + char}, "invalid_secret"),
+            (f"ENCLAVE_TOKEN_SEALING_KEY with {what}",
+             {"ENCLAVE_TOKEN_SEALING_KEY": SEALING_KEY_B64[:8] + char + SEALING_KEY_B64[8:]},
+             "invalid_secret"),
+            (f"ECS_WATERMARK_ENDPOINT host with {what}",
+             {"ECS_WATERMARK_ENDPOINT": f"https://wm{char}.internal:8443"}, "invalid_endpoint"),
+            (f"ECS_WATERMARK_ENDPOINT path with {what}",
+             {"ECS_WATERMARK_ENDPOINT": f"https://wm.internal:8443/v1{char}"}, "invalid_endpoint"),
+        ]
+    for char, what, codes in ((LONE_SURROGATE, "a lone surrogate", ("invalid_type",) * 3),
+                              ("\x00", "NUL", ("invalid_certificate",) * 2 + ("invalid_ca",))):
+        for field, code in zip(("client_cert", "client_key", "ca_cert"), codes):
+            pem = {"client_cert": issued.cert_pem, "client_key": issued.key_pem,
+                   "ca_cert": shared_ca().cert_pem}[field]
+            obj = {**mtls_object(issued), field: in_pem_body(pem, char)}
+            cases.append((f"{mtls}.{field} with {what}", {mtls: obj}, code))
+            cases.append((f"{mtls}.{field} with {what}, object as a JSON string",
+                          {mtls: json.dumps(obj)}, code))
+    return [(name, parse_delivery(json.dumps(payload).encode()), code)
+            for name, payload, code in cases]
+
+
+BAD_ENDPOINTS = [
+    ("empty label", "https://a..b"),
+    ("leading dot", "https://.wm.internal"),
+    ("trailing dot", "https://wm.internal."),
+    ("label of 64", "https://" + "a" * 64 + ".internal"),
+    ("name of 254", "https://" + ".".join(["a" * 63] * 3 + ["b" * 62])),
+    ("underscore", "https://wm_1.internal"),
+    ("punctuation", "https://wm!.internal"),
+    ("label starting with a hyphen", "https://-wm.internal"),
+    ("label ending with a hyphen", "https://wm-.internal"),
+    ("space in the host", "https://wm .internal"),
+    ("tab (urlsplit would drop it)", "https://wm.inter\tnal:8443"),
+    ("invalid A-label", "https://xn--zz.internal"),
+    ("IDNA-prohibited character", "https://wm\u200e.internal"),
+    ("three-part number", "https://10.0.1"),
+    ("octet over 255", "https://10.0.0.256"),
+    ("hex number", "https://0x7f.1"),
+    ("one big number", "https://2130706433"),
+    ("IPv4 with a leading zero", "https://010.0.0.1"),
+    ("IPv4 in brackets", "https://[10.0.0.1]"),
+    ("IPvFuture", "https://[v1.wm]"),
+    ("IPv6 zone id", "https://[fe80::1%25eth0]:8443"),
+    ("junk after the brackets", "https://[::1]x:8443"),
+    ("unbracketed IPv6", "https://::1"),
+    ("port 0", "https://wm.internal:0"),
+    ("empty port", "https://wm.internal:"),
+    ("signed port", "https://wm.internal:+443"),
+    ("backslash before @", "https://wm.internal\\@evil.example"),
+    ("empty query", "https://wm.internal/v1?"),
+    ("empty fragment", "https://wm.internal/v1#"),
+    ("non-ASCII path", "https://wm.internal/v\u00e9"),
+    ("space in the path", "https://wm.internal/v 1"),
+]
+GOOD_ENDPOINTS = [
+    "https://wm.internal:8443", "https://WM.Internal", "https://127.0.0.1:9443",
+    "https://[::1]:8443/v1", "https://[2001:db8::1]", "https://b\u00fccher.example",
+    "https://xn--bcher-kva.example", "https://a-b.c-d.example/x/y%20z", "https://localhost",
+    "https://" + "a" * 63 + ".internal", "https://" + ".".join(["a" * 63] * 3 + ["b" * 61]),
+    "https://wm1.internal:65535/",
+]
+
+
+class UnusableStringTest(unittest.TestCase):
+    """Strings the runtime cannot send are refused at validation with the key's code."""
+
+    def test_surrogates_and_control_characters_are_refused(self):
+        for name, payload, code in unusable_string_cases():
+            with self.subTest(name):
+                with self.assertRaises(secrets.SecretsError) as caught:
+                    apply_update(SecretsState(), payload, NOW)
+                self.assertEqual(caught.exception.code, code, caught.exception.message)
+                caught.exception.message.encode("utf-8")  # the message itself is sendable
+                for secret in secret_strings(payload):
+                    self.assertNotIn(secret, caught.exception.message)
+
+    def test_bad_endpoint_hosts_are_refused(self):
+        for name, url in BAD_ENDPOINTS:
+            with self.subTest(name, url=url):
+                with self.assertRaises(secrets.InvalidEndpoint):
+                    apply_update(SecretsState(), {"ECS_WATERMARK_ENDPOINT": url}, NOW)
+
+    def test_usable_endpoints_are_accepted_unchanged(self):
+        for url in GOOD_ENDPOINTS:
+            with self.subTest(url=url):
+                state, _ = apply_update(SecretsState(), {"ECS_WATERMARK_ENDPOINT": url}, NOW)
+                self.assertEqual(state.get("ECS_WATERMARK_ENDPOINT"), url)
+
+    def test_non_ascii_credentials_are_accepted(self):
+        state, _ = apply_update(SecretsState(), {"GOOGLE_OAUTH_CLIENT_ID": "client-\u00e9t\u00e9",
+                                                 "ENCLAVE_RPC_SHARED_SECRET": "\u00e9" * 20}, NOW)
+        self.assertEqual(state.get("GOOGLE_OAUTH_CLIENT_ID"), "client-\u00e9t\u00e9")
+
+
+class UnusableCaTest(unittest.TestCase):
+    """A `ca_cert` the TLS stack cannot verify a server with is refused, never acknowledged."""
+
+    def test_unusable_ca_is_refused(self):
+        good = shared_ca().issue("enclave-client")
+        for name, ca in unusable_cas():
+            for shape, ca_pem in (("alone", ca.cert_pem),
+                                  ("second in a bundle", shared_ca().cert_pem + ca.cert_pem)):
+                with self.subTest(name, shape=shape):
+                    payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(good, ca_pem=ca_pem)}
+                    with self.assertRaises(secrets.InvalidCa) as caught:
+                        apply_update(SecretsState(), payload, NOW)
+                    self.assertEqual(caught.exception.code, "invalid_ca")
+                    self.assertIn("ca_cert", caught.exception.message)
+                    for secret in secret_strings(payload):
+                        self.assertNotIn(secret, caught.exception.message)
+
+    def test_ca_validity_is_judged_at_now(self):
+        ca = TestCA("Short CA", not_before=NOW - dt.timedelta(hours=1),
+                    not_after=NOW + dt.timedelta(hours=1))
+        issued = ca.issue("enclave-client", not_before=NOW - dt.timedelta(hours=3),
+                          not_after=NOW + dt.timedelta(days=2))
+        payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(issued, ca_pem=ca.cert_pem)}
+        apply_update(SecretsState(), payload, NOW)
+        for moment in (NOW + dt.timedelta(hours=2), NOW - dt.timedelta(hours=2)):
+            with self.subTest(moment=moment):
+                with self.assertRaises(secrets.InvalidCa):
+                    apply_update(SecretsState(), payload, moment)
 
 
 class ApplyUpdateMergeTest(unittest.TestCase):

@@ -18,7 +18,7 @@ import unittest
 from pathlib import Path
 from unittest import mock
 
-from enclave import certstore
+from enclave import certstore, secrets_listener
 from enclave.addresses import VSOCK_CID_ANY, Address, parse_address
 from enclave.config import LOCAL_DEFAULT_RPC_SECRET, Settings
 from enclave.metrics import Metrics
@@ -27,7 +27,8 @@ from enclave.secrets_listener import SecretsListener, wait_for_initial
 from enclave.secretstore import RPC_SECRET_GRACE_S, SecretStore
 from tests.fakes.pki import TestCA
 from tests.support import remember_secret
-from tests.test_secrets import mtls_object, quiet_enclave_logs, secret_strings, shared_ca
+from tests.test_secrets import (BAD_ENDPOINTS, mtls_object, quiet_enclave_logs, secret_strings,
+                                shared_ca, unusable_cas, unusable_string_cases)
 
 LOOPBACK_ANY = parse_address("tcp:127.0.0.1:0")
 SHORT_IDLE_S = 0.3  # the injected idle timeout: the drip test runs in well under a second
@@ -212,6 +213,109 @@ class RefusedDeliveriesTest(ChannelTestCase):
         # An identical re-delivery: accepted, same version, nothing changed.
         ack = send(listener.address, b'{"GOOGLE_OAUTH_CLIENT_ID": "abc"}')
         self.assertEqual(ack, {"ok": True, "version": 1, "changed": []})
+
+
+class RefusedPeersTest(ChannelTestCase):
+    """A refused peer costs the one listener thread nothing: it never waits on one."""
+
+    REFUSED_SOURCE = "127.0.0.2"  # another loopback address, left out of the allow-list
+    ACK_WAIT_S = 5.0  # bounds a read that never completes (the failure mode), not a speed
+
+    def connect_refused(self, address: Address) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(self.ACK_WAIT_S)
+        try:
+            sock.bind((self.REFUSED_SOURCE, 0))
+        except OSError as exc:
+            self.skipTest(f"cannot use {self.REFUSED_SOURCE} as a source address here ({exc})")
+        sock.connect((address.host, address.port))
+        return sock
+
+    def read_line(self, sock: socket.socket, what: str) -> dict:
+        data = b""
+        try:
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            self.fail(f"no ack for {what}: the listener thread is held by an earlier peer")
+        return json.loads(data)
+
+    def silent_refused_peers(self, listener, count: int) -> list[socket.socket]:
+        """`count` refused peers that send nothing and keep their end open; each one's ack is
+        read before the next connects, so each was answered while the earlier ones still
+        held their connections open."""
+        socks = []
+        for i in range(count):
+            sock = self.connect_refused(listener.address)
+            ack = self.read_line(sock, f"refused peer {i + 1}")
+            self.assertEqual(ack["error"]["code"], "peer_not_allowed", ack)
+            socks.append(sock)
+        return socks
+
+    def assert_still_lingering(self, listener, socks):
+        """The refused connections are all still open on both sides: the allowed sender was
+        served while they were (the listener did not wait for them to end)."""
+        self.assertEqual(len(listener._lingering), len(socks))
+        for sock in socks:
+            self.assertNotEqual(sock.fileno(), -1)
+
+    def test_silent_refused_peers_do_not_hold_the_listener(self):
+        store = self.make_store()
+        # A lingering close longer than the whole test: a listener thread that lingered on a
+        # refused peer would still be waiting on the first one when the second connects.
+        listener = self.make_listener(store, allowed=("127.0.0.1",), linger_s=600)
+        refused = self.silent_refused_peers(listener, 8)
+        ack = send(listener.address, self.payload({"GOOGLE_OAUTH_CLIENT_ID": "after-eight"}),
+                   timeout=self.ACK_WAIT_S)
+        self.assertEqual(ack, {"ok": True, "version": 1, "changed": ["GOOGLE_OAUTH_CLIENT_ID"]})
+        self.assert_still_lingering(listener, refused)
+        self.assertEqual(self.metrics.value("enclave_secrets_connections_total",
+                                            {"peer": "refused"}), 8)
+
+    def test_more_refused_peers_than_lingering_slots_are_reset(self):
+        store = self.make_store()
+        listener = self.make_listener(store, allowed=("127.0.0.1",), linger_s=600)
+        bound = secrets_listener.MAX_LINGERING_REFUSALS
+        refused = self.silent_refused_peers(listener, bound)  # every slot taken, and held
+        for i in range(4):  # past the bound: answered and reset at once, never queued
+            with self.subTest(extra=i):
+                try:
+                    sock = self.connect_refused(listener.address)
+                    ack = self.read_line(sock, f"refused peer {bound + i + 1}")
+                    self.assertEqual(ack["error"]["code"], "peer_not_allowed", ack)
+                    self.assertEqual(sock.recv(1), b"")  # the reset reads as the end
+                except (ConnectionResetError, BrokenPipeError):
+                    pass  # the reset reached us first (even connect() may report it)
+                # Served after the previous peer's hand-off: every slot is still taken.
+                self.assertEqual(len(listener._lingering), bound)
+        ack = send(listener.address, self.payload({"GOOGLE_OAUTH_CLIENT_ID": "after-many"}),
+                   timeout=self.ACK_WAIT_S)
+        self.assertEqual(ack["ok"], True, ack)
+        self.assert_still_lingering(listener, refused)
+
+    def test_a_refused_sender_that_half_closes_still_reads_its_ack(self):
+        store = self.make_store()
+        listener = self.make_listener(store, allowed=("127.0.0.1",), linger_s=600)
+        sock = self.connect_refused(listener.address)
+        sock.sendall(self.payload({"GOOGLE_OAUTH_CLIENT_ID": "x" * 100_000}))
+        sock.shutdown(socket.SHUT_WR)
+        ack = read_ack(sock)  # one line, then a clean EOF: no reset ate the ack
+        self.assertEqual(ack["error"]["code"], "peer_not_allowed")
+        self.assertEqual(store.version, 0)
+
+    def test_shutdown_ends_lingering_refusals(self):
+        store = self.make_store()
+        listener = self.make_listener(store, allowed=("127.0.0.1",), linger_s=600)
+        self.silent_refused_peers(listener, 3)  # their ends stay open until the cleanups
+        stopper = threading.Thread(target=listener.shutdown)
+        stopper.start()
+        stopper.join(self.ACK_WAIT_S)  # bounds a shutdown that waits on a peer (the failure)
+        self.assertFalse(stopper.is_alive(), "shutdown waited on a refused peer")
+        self.assertEqual(len(listener._lingering), 0)
 
 
 class SerializationTest(ChannelTestCase):
@@ -449,6 +553,55 @@ class StoreTest(ChannelTestCase):
         self.assertEqual(ack["version"], 1)
         self.assertEqual(file_hashes(self.certs_dir), hashes)
         self.assertIs(store.mtls().context, context)
+
+    def test_an_unusable_ca_is_refused_and_the_previous_set_stays_in_force(self):
+        store = self.make_store()
+        first = {"MTLS_CLIENT_CERT_JSON": mtls_object(),
+                 "ECS_WATERMARK_ENDPOINT": "https://wm.internal"}
+        self.assertTrue(store.deliver(self.payload(first))["ok"])
+        for name, ca in unusable_cas():
+            with self.subTest(name):
+                hashes, snapshot, version = (file_hashes(self.certs_dir), store.mtls(),
+                                             store.version)
+                gens = sorted(p.name for p in self.certs_dir.iterdir())
+                payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(ca_pem=ca.cert_pem),
+                           "ECS_WATERMARK_ENDPOINT": "https://other.internal"}
+                ack = store.deliver(self.payload(payload))
+                self.assertEqual(ack["ok"], False, ack)
+                self.assertEqual(ack["error"]["code"], "invalid_ca", ack)
+                self.assertEqual(ack["version"], version)
+                for secret in secret_strings(payload):
+                    self.assertNotIn(secret, json.dumps(ack))
+                self.assertEqual(file_hashes(self.certs_dir), hashes)
+                self.assertEqual(sorted(p.name for p in self.certs_dir.iterdir()), gens)
+                self.assertIs(store.mtls(), snapshot)
+                self.assertEqual(store.version, version)
+                self.assertEqual(store.mtls().endpoint, "https://wm.internal")
+                self.assertEqual(store.health()["mtls"]["configured"], True)
+
+    def test_strings_the_runtime_cannot_use_are_refused_with_their_code(self):
+        """A surrogate or control character is a refusal naming the key's rule, never
+        `internal_error`, and nothing changes (the old values stay in force)."""
+        store = self.make_store()
+        first = {"MTLS_CLIENT_CERT_JSON": mtls_object(),
+                 "ECS_WATERMARK_ENDPOINT": "https://wm.internal",
+                 "GOOGLE_OAUTH_CLIENT_ID": "client-id",
+                 "GOOGLE_OAUTH_CLIENT_SECRET": "google-secret-value"}
+        self.assertTrue(store.deliver(self.payload(first))["ok"])
+        cases = unusable_string_cases() + [
+            (f"endpoint: {name}", {"ECS_WATERMARK_ENDPOINT": url}, "invalid_endpoint")
+            for name, url in BAD_ENDPOINTS]
+        for name, payload, code in cases:
+            with self.subTest(name):
+                hashes, state, snapshot = file_hashes(self.certs_dir), store.current(), store.mtls()
+                ack = store.deliver(json.dumps(payload).encode())
+                self.assertEqual(ack["ok"], False, ack)
+                self.assertEqual(ack["error"]["code"], code, ack)
+                for secret in secret_strings(payload):
+                    self.assertNotIn(secret, json.dumps(ack))
+                self.assertEqual(file_hashes(self.certs_dir), hashes)
+                self.assertIs(store.current(), state)
+                self.assertIs(store.mtls(), snapshot)
 
     def test_a_key_the_tls_library_refuses_is_refused_before_any_change(self):
         from cryptography.hazmat.primitives.asymmetric import rsa

@@ -41,25 +41,36 @@ class Issued:
 
 
 class TestCA:
-    """A CA that issues server and client certificates (EC P-256, fast to make)."""
+    """A CA that issues server and client certificates (EC P-256, fast to make).
 
-    def __init__(self, name: str = "Enclave Test CA", *, not_before=None, not_after=None):
+    `ca` and `key_cert_sign` make the unusable shapes a validator must refuse: `ca=False` writes
+    basicConstraints CA:FALSE, `ca=None` leaves basicConstraints out, `key_cert_sign=False` writes
+    a keyUsage without keyCertSign (and without cRLSign).
+    """
+
+    def __init__(self, name: str = "Enclave Test CA", *, not_before=None, not_after=None,
+                 ca: bool | None = True, key_cert_sign: bool = True):
         now = dt.datetime.now(dt.timezone.utc)
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.key_pem = _pem_key(self.key)  # registered: fakes load the CA key to sign CRLs
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(subject).issuer_name(subject)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before or now - dt.timedelta(days=1))
             .not_valid_after(not_after or now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        )
+        if ca is not None:
+            builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None),
+                                            critical=True)
+        self.cert = (
+            builder
             .add_extension(x509.KeyUsage(
                 digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False), critical=True)
+                data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign,
+                crl_sign=key_cert_sign, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()),
                            critical=False)
             .sign(self.key, hashes.SHA256())
