@@ -34,7 +34,7 @@ def _request(code: str) -> Request:
     headers = Message()
     headers["Content-Type"] = "application/json"
     path = "/v1/rpc/google/token/exchange"
-    return Request("POST", path, path, {}, headers, body, authenticated=True)
+    return Request("POST", path, path, {}, headers, body)
 
 
 def _measure(fake: FakeGoogle, ca_file: str, reuse: bool, seconds: float) -> dict:

@@ -29,7 +29,7 @@ import time
 from bench import loadgen
 from enclave.addresses import parse_address
 from enclave.host.send_secrets import exchange
-from enclave.config import LOCAL_DEFAULT_RPC_SECRET
+from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from enclave.rpcauth import new_nonce, sign_request
 from tests.fakes.pki import TestCA
 

@@ -1,4 +1,5 @@
-"""The runtime's parts wired together, and the route table of the HTTP API (DESIGN.md §6)."""
+"""The runtime object: holds the parts service.build_services makes, answers /healthz and /metrics,
+and owns the route table of the HTTP API (DESIGN.md §6)."""
 
 from __future__ import annotations
 

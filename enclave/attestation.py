@@ -413,11 +413,6 @@ class AttestationService:
             self._cached = (now, body)
             return 200, dict(body)
 
-    def challenge(self, req) -> tuple[int, dict]:
-        """challenge_json's answer as a dict (in-process callers and tests)."""
-        status, _, body = self.challenge_json(req)
-        return status, json.loads(body)
-
     def challenge_json(self, req) -> tuple[int, str, bytes]:
         """POST /v1/attestation/challenge {"nonce": base64 16..64 bytes, "user_data"?: base64},
         a raw route: the JSON answer is formatted from base64 strings, without json.dumps."""

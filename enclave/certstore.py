@@ -227,19 +227,6 @@ def discard(files: CertFiles) -> None:
     shutil.rmtree(files.directory, ignore_errors=True)
 
 
-def write_cert_set(certs_dir: str | os.PathLike, client_cert: bytes, client_key: bytes,
-                   ca_cert: bytes) -> CertFiles:
-    """Stage and activate in one call."""
-    files = stage(certs_dir, client_cert, client_key, ca_cert)
-    try:
-        activate(certs_dir, files)
-    except BaseException:
-        if not is_live(certs_dir, files):
-            discard(files)
-        raise
-    return files
-
-
 def clear(certs_dir: str | os.PathLike) -> None:
     """Remove the live set (an explicit null for MTLS_CLIENT_CERT_JSON): one unlink of `.data`
     hides all three files at once; the dangling links and the generations go after."""

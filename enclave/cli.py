@@ -1,4 +1,5 @@
-"""Command line: serve (default), check-config, verify, probe, sign, send-secrets.
+"""Command line: serve (default) in the enclave; check-config, verify, probe, sign, send-secrets
+and seal-secrets on hosts (enclave.host).
 
 Exit codes are part of the contract: 0 success, 1 rejected or failed check, 2 usage or
 configuration error.
@@ -12,8 +13,9 @@ from types import SimpleNamespace
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 
-# command name -> module exposing HELP, add_arguments(parser) and run(args) -> int.
-# Modules are imported only when their command runs, to keep start-up fast.
+# command name -> (module, one line for the command list). The module exposes HELP (the
+# command's own description), add_arguments(parser) and run(args) -> int. Modules are imported
+# only when their command runs, to keep start-up fast.
 COMMANDS = {
     "serve": ("enclave.service", "run the runtime (the default command)"),
     "check-config": ("enclave.host.check_config", "validate the configuration, print it redacted"),
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name == argv[0]:  # import only the command that runs
             modules[name] = importlib.import_module(module_name)
+            command.description = modules[name].HELP
             modules[name].add_arguments(command)
     if argv[0] == "sign":  # nonces may start with "-": argparse would take them for options
         from enclave.host.args import attach_option_values

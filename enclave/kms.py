@@ -32,7 +32,8 @@ from typing import Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from . import cms, envelope as envelope_mod, sigv4
+from . import cms, sigv4, tls
+from . import envelope as envelope_mod
 from .errors import EnclaveError
 from .outbound import OutboundError
 
@@ -170,23 +171,11 @@ def amazon_roots_pem() -> str:
 
 
 def create_kms_context(ca_file: str | None = None) -> ssl.SSLContext:
-    """Every TLS setting for calls to KMS, in one place."""
-    # PROTOCOL_TLS_CLIENT: CERT_REQUIRED and check_hostname=True from the start; no default CAs.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # KMS serves TLS 1.2 and 1.3; nothing older.
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Explicit, though they are the defaults: a context is never weakened later.
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.check_hostname = True
-    # Trust ONLY the bundled Amazon roots, or ONLY a fake's CA (local/test; config refuses
-    # ENCLAVE_OUTBOUND_CA_FILE-style overrides in staging/production).
+    """The TLS context for KMS (settings in enclave.tls): ONLY the bundled Amazon roots, or
+    ONLY a fake's CA file (local/test; config refuses the override in staging/production)."""
     if ca_file:
-        context.load_verify_locations(cafile=ca_file)
-    else:
-        context.load_verify_locations(cadata=amazon_roots_pem())
-    # HTTP/1.1 only (the transport pools keep-alive connections).
-    context.set_alpn_protocols(["http/1.1"])
-    return context
+        return tls.pinned_roots_context(ca_file=ca_file)
+    return tls.pinned_roots_context(cadata=amazon_roots_pem())
 
 
 def default_endpoint(region: str) -> str:

@@ -74,8 +74,6 @@ class Request:
     headers: Headers
     body: bytes = b""
     client: tuple = ()
-    # Set by the server after a successful HMAC check (routes with auth=True).
-    authenticated: bool = False
 
     def json(self) -> dict:
         """The body as a JSON object, or ApiError 400 (malformed_json / invalid_request)."""

@@ -67,14 +67,11 @@ class SecretStore:
     """Holds the current SecretsState and the mTLS snapshot; applies deliveries one at a time."""
 
     def __init__(self, settings, metrics: Metrics | None = None, now_fn=None, *,
-                 lock_timeout_s: float = APPLY_LOCK_TIMEOUT_S, before_swap=None):
+                 lock_timeout_s: float = APPLY_LOCK_TIMEOUT_S):
         """Initial values come from `settings` (environment; local). An invalid
         MTLS_CLIENT_CERT_JSON there raises SecretsError (the caller exits 2). The certs
         directory is settled first (certstore.recover): an update a crash interrupted in an
         earlier run leaves the old complete set or the new one, never a mix.
-
-        `before_swap(new_state, changed)`, for tests only, runs under the lock after the new
-        context is built and before anything becomes visible.
         """
         self._settings = settings
         self._certs_dir = settings.certs_dir
@@ -82,7 +79,6 @@ class SecretStore:
         self._now = now_fn or _utc_now
         self._lock = threading.Lock()
         self._lock_timeout_s = lock_timeout_s
-        self._before_swap = before_swap
         self._received = threading.Event()
         self._describe_metrics()
         try:
@@ -223,8 +219,6 @@ class SecretStore:
                         context = self._build_context(staged)
                 snapshot = MtlsSnapshot(context, new_state.get(ECS_WATERMARK_ENDPOINT),
                                         snapshot.generation + 1, new_state.mtls_not_after)
-            if self._before_swap is not None:
-                self._before_swap(new_state, changed)
             if MTLS_CLIENT_CERT_JSON in changed:
                 try:
                     if staged is not None:

@@ -435,7 +435,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception:
             log.exception("authenticator error")
             raise AuthError("authenticator_error") from None
-        request.authenticated = True
 
 
 class PromptShutdownMixin:

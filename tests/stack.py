@@ -16,7 +16,8 @@ import time
 
 from enclave.addresses import parse_address
 from enclave.host.send_secrets import exchange
-from enclave.config import LOCAL_DEFAULT_RPC_SECRET, load_settings
+from enclave.config import load_settings
+from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from enclave.rpcauth import new_nonce, sign_request
 from enclave.service import start
 from tests.fakes.fake_google import FakeGoogle

@@ -281,3 +281,9 @@ def find_leaks(text: str, secrets, markers=NEVER_LOGGED_MARKERS, source: str = "
                 last_line = line
             index = text.find(needle, index + len(needle))
     return sorted(leaks, key=lambda leak: (leak.source, leak.line, leak.kind))
+
+
+def challenge(service, req) -> tuple[int, dict]:
+    """An AttestationService challenge answer (its raw JSON route) as (status, dict)."""
+    status, _, body = service.challenge_json(req)
+    return status, json.loads(body)

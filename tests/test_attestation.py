@@ -29,7 +29,7 @@ from enclave.errors import ApiError
 from enclave.metrics import Metrics
 from enclave.request import Request
 from enclave.nitro.verifier import AT_DOCUMENT_TIME, VerificationError, verify_document
-from tests.support import keep_off_console, remember_private_key
+from tests.support import challenge, keep_off_console, remember_private_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "nitro"
@@ -369,7 +369,7 @@ class TestAttestationService(DevShimCase):
 
     def test_challenge(self):
         nonce = os.urandom(32)
-        status, body = self.service.challenge(request(
+        status, body = challenge(self.service, request(
             {"nonce": base64.b64encode(nonce).decode(), "user_data": "aGk="}))
         self.assertEqual(status, 200)
         self.assertEqual(set(body), {"nonce", "document", "nonce_bound_document", "evidence",
@@ -397,7 +397,7 @@ class TestAttestationService(DevShimCase):
         }
         for name, (body, code) in cases.items():
             with self.subTest(name), self.assertRaises(ApiError) as ctx:
-                self.service.challenge(request(body))
+                challenge(self.service, request(body))
             self.assertEqual((ctx.exception.status, ctx.exception.code), (400, code))
 
     def test_static_source_challenge_binds_the_nonce_in_the_evidence(self):
@@ -405,7 +405,7 @@ class TestAttestationService(DevShimCase):
         service = attestation.AttestationService(attestation.Attestation(self.identity, static),
                                                  clock=self.clock)
         nonce = os.urandom(16)
-        _, body = service.challenge(request({"nonce": base64.b64encode(nonce).decode()}))
+        _, body = challenge(service, request({"nonce": base64.b64encode(nonce).decode()}))
         self.assertFalse(body["nonce_bound_document"])
         doc = self.verify(base64.b64decode(body["document"]), expected_nonce=nonce,
                           evidence=base64.b64decode(body["evidence"]))
@@ -427,7 +427,7 @@ class TestAttestationService(DevShimCase):
                 body = {"nonce": b64(nonce)}
                 if sent is not None:
                     body["user_data"] = b64(sent)
-                status, answer = service.challenge(request(body))
+                status, answer = challenge(service, request(body))
                 self.assertEqual(status, 200)
                 self.assertFalse(answer["nonce_bound_document"])
                 doc = self.verify(base64.b64decode(answer["document"]), expected_nonce=nonce,
@@ -464,7 +464,7 @@ class TestAttestationService(DevShimCase):
         service = attestation.AttestationService(attestation.Attestation(self.identity, Broken()),
                                                  self.metrics)
         for call in (lambda: service.document(request(method="GET")),
-                     lambda: service.challenge(request({"nonce": "A" * 24}))):
+                     lambda: challenge(service, request({"nonce": "A" * 24}))):
             with self.assertRaises(ApiError) as ctx, self.assertLogs("enclave.attestation"):
                 call()
             self.assertEqual((ctx.exception.status, ctx.exception.code),

@@ -40,6 +40,18 @@ def generations(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(certstore.GENERATION_PREFIX))
 
 
+def write_cert_set(certs_dir, client_cert: bytes, client_key: bytes, ca_cert: bytes):
+    """Stage and activate in one call, as SecretStore does (discarding what did not go live)."""
+    files = certstore.stage(certs_dir, client_cert, client_key, ca_cert)
+    try:
+        certstore.activate(certs_dir, files)
+    except BaseException:
+        if not certstore.is_live(certs_dir, files):
+            certstore.discard(files)
+        raise
+    return files
+
+
 class CertStoreTest(unittest.TestCase):
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory()
@@ -51,7 +63,7 @@ class CertStoreTest(unittest.TestCase):
                      (CLIENT_CERT_NAME, CLIENT_KEY_NAME, CA_CERT_NAME))
 
     def test_write_creates_the_set_with_tight_modes(self):
-        files = certstore.write_cert_set(self.dir, *SET_A)
+        files = write_cert_set(self.dir, *SET_A)
         self.assertEqual(self.read_set(), SET_A)
         self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
         for name in FILE_NAMES:
@@ -64,8 +76,8 @@ class CertStoreTest(unittest.TestCase):
         self.assertEqual(certstore.live_files(self.dir).directory, files.directory)
 
     def test_rewrite_replaces_the_set_and_removes_the_old_generation(self):
-        old = certstore.write_cert_set(self.dir, *SET_A)
-        new = certstore.write_cert_set(self.dir, *SET_B)
+        old = write_cert_set(self.dir, *SET_A)
+        new = write_cert_set(self.dir, *SET_B)
         self.assertEqual(self.read_set(), SET_B)
         self.assertEqual(generations(self.dir), [new.directory.name])
         self.assertFalse(old.directory.exists())
@@ -73,11 +85,11 @@ class CertStoreTest(unittest.TestCase):
     def test_existing_directory_is_tightened_to_0700(self):
         self.dir.mkdir(mode=0o755)
         os.chmod(self.dir, 0o755)
-        certstore.write_cert_set(self.dir, *SET_A)
+        write_cert_set(self.dir, *SET_A)
         self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
 
     def test_failure_between_files_leaves_the_old_set_whole(self):
-        certstore.write_cert_set(self.dir, *SET_A)
+        write_cert_set(self.dir, *SET_A)
         before = file_hashes(self.dir)
         gens_before = generations(self.dir)
         real_write = certstore._write_file
@@ -93,23 +105,23 @@ class CertStoreTest(unittest.TestCase):
 
                 with mock.patch.object(certstore, "_write_file", flaky_write):
                     with self.assertRaises(certstore.CertStoreError) as caught:
-                        certstore.write_cert_set(self.dir, *SET_B)
+                        write_cert_set(self.dir, *SET_B)
                 self.assertIn("No space left on device", str(caught.exception))
                 self.assertEqual(file_hashes(self.dir), before)
                 self.assertEqual(generations(self.dir), gens_before)  # the partial one is gone
 
     def test_failure_at_activation_leaves_the_old_set_whole(self):
-        certstore.write_cert_set(self.dir, *SET_A)
+        write_cert_set(self.dir, *SET_A)
         before = file_hashes(self.dir)
         gens_before = generations(self.dir)
         with mock.patch.object(certstore, "_replace_link", side_effect=OSError(5, "I/O error")):
             with self.assertRaises(certstore.CertStoreError):
-                certstore.write_cert_set(self.dir, *SET_B)
+                write_cert_set(self.dir, *SET_B)
         self.assertEqual(file_hashes(self.dir), before)
         self.assertEqual(generations(self.dir), gens_before)
 
     def test_failure_after_the_swap_rolls_back_to_the_old_set(self):
-        certstore.write_cert_set(self.dir, *SET_A)
+        write_cert_set(self.dir, *SET_A)
         before = file_hashes(self.dir)
         gens_before = generations(self.dir)
         real_fsync = certstore._fsync_dir
@@ -121,12 +133,12 @@ class CertStoreTest(unittest.TestCase):
 
         with mock.patch.object(certstore, "_fsync_dir", failing_fsync):
             with self.assertRaises(certstore.CertStoreError):
-                certstore.write_cert_set(self.dir, *SET_B)
+                write_cert_set(self.dir, *SET_B)
         self.assertEqual(file_hashes(self.dir), before)
         self.assertEqual(generations(self.dir), gens_before)
 
     def test_a_staged_generation_is_invisible_until_activated(self):
-        certstore.write_cert_set(self.dir, *SET_A)
+        write_cert_set(self.dir, *SET_A)
         before = file_hashes(self.dir)
         staged = certstore.stage(self.dir, *SET_B)
         self.assertEqual(staged.client_cert.read_bytes(), b"cert B\n")
@@ -139,7 +151,7 @@ class CertStoreTest(unittest.TestCase):
         self.assertEqual(self.read_set(), SET_B)
 
     def test_clear_removes_the_set(self):
-        certstore.write_cert_set(self.dir, *SET_A)
+        write_cert_set(self.dir, *SET_A)
         certstore.clear(self.dir)
         self.assertEqual(file_hashes(self.dir), dict.fromkeys(FILE_NAMES))
         self.assertEqual(generations(self.dir), [])
@@ -151,7 +163,7 @@ class CertStoreTest(unittest.TestCase):
         self.dir.mkdir(mode=0o700)
         for name in FILE_NAMES:
             (self.dir / name).write_bytes(b"stale " + name.encode())
-        certstore.write_cert_set(self.dir, *SET_A)
+        write_cert_set(self.dir, *SET_A)
         self.assertEqual(self.read_set(), SET_A)
         self.assertTrue(all((self.dir / name).is_symlink() for name in FILE_NAMES))
 
@@ -264,14 +276,14 @@ class CrashAtEveryStepTest(unittest.TestCase):
     # (name, set-up before the update, the update, set before, set after)
     SCENARIOS = [
         ("first activation, no directory yet", lambda d: None,
-         lambda d: certstore.write_cert_set(d, *SET_B), NO_SET, SET_B),
+         lambda d: write_cert_set(d, *SET_B), NO_SET, SET_B),
         ("first activation, empty directory", lambda d: d.mkdir(mode=0o700),
-         lambda d: certstore.write_cert_set(d, *SET_B), NO_SET, SET_B),
-        ("rotation", lambda d: certstore.write_cert_set(d, *SET_A),
-         lambda d: certstore.write_cert_set(d, *SET_B), SET_A, SET_B),
+         lambda d: write_cert_set(d, *SET_B), NO_SET, SET_B),
+        ("rotation", lambda d: write_cert_set(d, *SET_A),
+         lambda d: write_cert_set(d, *SET_B), SET_A, SET_B),
         ("first activation over another tool's files", lambda d: write_plain(d, PLAIN),
-         lambda d: certstore.write_cert_set(d, *SET_B), PLAIN, SET_B),
-        ("clear", lambda d: certstore.write_cert_set(d, *SET_A),
+         lambda d: write_cert_set(d, *SET_B), PLAIN, SET_B),
+        ("clear", lambda d: write_cert_set(d, *SET_A),
          lambda d: certstore.clear(d), SET_A, NO_SET),
         ("clear over another tool's files", lambda d: write_plain(d, PLAIN),
          lambda d: certstore.clear(d), PLAIN, NO_SET),
@@ -345,7 +357,7 @@ class CrashAtEveryStepTest(unittest.TestCase):
                     outcomes.add(self.assert_whole(directory, before, after, where))
                     # The repaired directory takes the next update normally.
                     with CrashInjector().active():
-                        certstore.write_cert_set(directory, *SET_C)
+                        write_cert_set(directory, *SET_C)
                     self.assertEqual(visible_set(directory), SET_C, where)
                 # Crashes early in the update keep the old set, late ones show the new one.
                 self.assertEqual(outcomes, {before, after})

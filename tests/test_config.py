@@ -17,7 +17,8 @@ from unittest import mock
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from enclave.config import ConfigError, LOCAL_DEFAULT_RPC_SECRET, load_settings, read_dotenv
+from enclave.config import ConfigError, load_settings, read_dotenv
+from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from tests.support import keep_off_console, remember_key_files, remember_private_key
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -83,8 +83,7 @@ def request(body, path="/v1/rpc/google/token/exchange") -> Request:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = Message()
     headers["Content-Type"] = "application/json"
-    return Request(method="POST", target=path, path=path, query={}, headers=headers, body=raw,
-                   authenticated=True)
+    return Request(method="POST", target=path, path=path, query={}, headers=headers, body=raw)
 
 
 def _no_constant(name):

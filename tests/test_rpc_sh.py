@@ -24,7 +24,7 @@ from pathlib import Path
 from enclave import cli
 from enclave.host import sign as cmd_sign
 from enclave.host.args import resolve_secret
-from enclave.config import LOCAL_DEFAULT_RPC_SECRET
+from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from enclave.rpcauth import AuthError, RpcAuthenticator
 from tests.support import remember_secret, scan_later
 

@@ -4,7 +4,7 @@ import json
 import unittest
 from email.message import Message
 
-from enclave.config import LOCAL_DEFAULT_RPC_SECRET
+from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from enclave.errors import ApiError
 from enclave.metrics import Metrics
 from enclave.rpcauth import (AUTH_FAILURES_METRIC, HEADER_NONCE, HEADER_SIGNATURE,

@@ -18,9 +18,10 @@ import unittest
 from pathlib import Path
 from unittest import mock
 
-from enclave import certstore, secrets_listener
+from enclave import certstore, secrets_listener, secretstore
 from enclave.addresses import VSOCK_CID_ANY, Address, parse_address
-from enclave.config import LOCAL_DEFAULT_RPC_SECRET, Settings
+from enclave.config import Settings
+from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from enclave.metrics import Metrics
 from enclave.secrets import SecretsError
 from enclave.secrets_listener import SecretsListener, wait_for_initial
@@ -86,9 +87,23 @@ class ChannelTestCase(unittest.TestCase):
         self.metrics = Metrics()
         quiet_enclave_logs(self)
 
-    def make_store(self, **kwargs) -> SecretStore:
+    def make_store(self, *, before_swap=None, **kwargs) -> SecretStore:
+        """A store over this test's directory. `before_swap(new_state, changed)` runs under the
+        store's lock once a delivery is validated, before anything becomes visible."""
         settings_kwargs = {"certs_dir": self.certs_dir, "secrets_listen": LOOPBACK_ANY}
         settings_kwargs.update(kwargs.pop("settings", {}))
+        if before_swap is not None:
+            real_apply_update = secretstore.secrets.apply_update
+
+            def apply_update(*args, **kw):
+                new_state, changed = real_apply_update(*args, **kw)
+                if changed:
+                    before_swap(new_state, changed)
+                return new_state, changed
+
+            patcher = mock.patch.object(secretstore.secrets, "apply_update", apply_update)
+            patcher.start()
+            self.addCleanup(patcher.stop)
         store = SecretStore(Settings(**settings_kwargs), self.metrics, **kwargs)
         remember_secret(store.sealing_key(), kind="token sealing key")  # generated per boot
         return store

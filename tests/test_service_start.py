@@ -12,7 +12,8 @@ from pathlib import Path
 
 from enclave import service
 from enclave.addresses import parse_address
-from enclave.config import LOCAL_DEFAULT_RPC_SECRET, Settings
+from enclave.config import Settings
+from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from enclave.errors import EnclaveError
 from enclave.metrics import Metrics
 from enclave.rpcauth import AuthError, new_nonce, sign_request

@@ -21,7 +21,7 @@ from enclave.nitro import cose
 from enclave.nitro import verifier as verify
 from enclave.nitro.verifier import AT_DOCUMENT_TIME, VerificationError, verify_document
 from tests.fakes.fake_nsm import FakeNsm, dumps_indefinite
-from tests.support import keep_off_console
+from tests.support import challenge, keep_off_console
 
 DATA = Path(__file__).parent / "data" / "nitro"
 HOUR_MS = 3600 * 1000
@@ -383,7 +383,7 @@ class DevShimCase(unittest.TestCase):
         if user_data is not None:
             body["user_data"] = base64.b64encode(user_data).decode()
         req = mock.Mock(json=lambda: body)
-        status, answer = self.service.challenge(req)
+        status, answer = challenge(self.service, req)
         self.assertEqual(status, 200)
         return answer
 
