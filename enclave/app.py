@@ -45,6 +45,7 @@ class Runtime:
             "status": "degraded" if degraded else "ok",
             "mode": self.settings.mode,
             "env": self.settings.env,
+            "missing": self.missing(),
             "secrets": secrets,
             "mtls": mtls,
             "attestation": attestation,
@@ -54,8 +55,21 @@ class Runtime:
     def _attestation_ready(self) -> bool:
         return bool(self.attestation and self.attestation.ready())
 
+    def missing(self) -> list[str]:
+        """The parts the configuration needs that are not usable now (ENCLAVE_READY_REQUIRES,
+        and always an RPC secret): the names RPCs answer in 503 not_ready."""
+        missing = []
+        if not (self.authenticator and self.authenticator.has_secret(time.time())):
+            missing.append("rpc_secret")
+        if self.store:
+            missing += self.store.missing(self.settings.ready_requires)
+        return missing
+
     def ready(self) -> bool:
-        return bool(self.store and self.store.ready()) and self._attestation_ready()
+        """?ready=1: attestation usable, nothing missing, and secrets received (a delivery was
+        accepted or, locally, the environment supplied them)."""
+        return (bool(self.store and self.store.ready()) and self._attestation_ready()
+                and not self.missing())
 
     def healthz(self, req: Request):
         """The answer is rebuilt only when what it shows changes: the secrets state (every

@@ -274,12 +274,11 @@ def _load_identity(settings) -> SigningIdentity:
             return SigningIdentity.from_pem(settings.signing_private_key_pem)
         except IdentityError as exc:
             raise AttestationConfigError(str(exc)) from None
-    if settings.strict:
-        raise AttestationConfigError("TEE_ATTESTATION_SIGNING_PRIVATE_KEY must be set when "
-                                     f"ALFRED_ENV={settings.env}")
+    # TEE_ATTESTATION_SIGNING_PRIVATE_KEY=ephemeral (config refuses it unset in staging and
+    # production): made in memory now, never written anywhere; NSM documents bind its public key.
     identity = SigningIdentity.generate()
-    logger.warning("No TEE_ATTESTATION_SIGNING_PRIVATE_KEY: generated a per-boot %s signing "
-                   "identity (public key SHA-256 %s)", identity.alg_name, identity.fingerprint)
+    logger.info("Per-boot %s signing identity (public key SHA-256 %s)", identity.alg_name,
+                identity.fingerprint)
     return identity
 
 

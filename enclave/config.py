@@ -33,6 +33,15 @@ GOOGLE_REVOKE_URL = "https://oauth2.googleapis.com/revoke"
 DEFAULT_WATERMARK_PATH = "/v1/watermark"
 MAX_DOTENV_BYTES = 1024 * 1024  # a .env file larger than 1 MiB is not a .env file
 
+EPHEMERAL_SIGNING_KEY = "ephemeral"  # generated in memory at boot, never leaves the process
+# Secret VALUES never come from the environment in staging/production: an enclave's environment
+# is its image, public and measured. They arrive over the secrets channel (port 7777).
+CHANNEL_ONLY_SECRETS = ("ENCLAVE_RPC_SHARED_SECRET", "ENCLAVE_TOKEN_SEALING_KEY",
+                        "GOOGLE_OAUTH_CLIENT_SECRET", "MTLS_CLIENT_CERT_JSON")
+# Parts /healthz?ready=1 can wait for (ENCLAVE_READY_REQUIRES); an RPC secret is always needed.
+READY_PARTS = ("rpc_secret", "sealing_key", "google_credentials", "mtls")
+STRICT_READY_REQUIRES = READY_PARTS  # a production enclave serves Google and the watermark RPC
+
 # Variables whose values are secrets: never printed, only "<set>".
 SECRET_FIELDS = frozenset({
     "signing_private_key_pem", "rpc_shared_secret", "mtls_client_cert_json",
@@ -64,7 +73,8 @@ class Settings:
     signing_private_key_pem: bytes | None = field(default=None, repr=False)
     attestation_document_path: str | None = None
     attestation_document_b64: str | None = field(default=None, repr=False)
-    rpc_shared_secret: str = field(default=LOCAL_DEFAULT_RPC_SECRET, repr=False)
+    # None: no secret until one is delivered over the secrets channel (staging/production).
+    rpc_shared_secret: str | None = field(default=LOCAL_DEFAULT_RPC_SECRET, repr=False)
     # The published local default secret is accepted by the authenticator only when this is
     # true: ALFRED_ENV=local set explicitly and both listeners on loopback (load_settings
     # decides; a Settings built by hand never allows it).
@@ -82,6 +92,8 @@ class Settings:
     egress_routes: str | None = None  # parsed by enclave.egress
     log_format: str = "text"
     log_level: str = "INFO"
+    # What /healthz?ready=1 waits for besides attestation and an RPC secret (READY_PARTS).
+    ready_requires: tuple[str, ...] = ()
 
     @property
     def strict(self) -> bool:
@@ -233,8 +245,9 @@ def _listen_from_base_url(base_url: str) -> str:
 
 
 def _signing_key(reader: _Reader) -> bytes | None:
+    """The PEM, or None for a per-boot key (`ephemeral`, or unset: the checks say if allowed)."""
     value = reader.raw("TEE_ATTESTATION_SIGNING_PRIVATE_KEY")
-    if value is None:
+    if value is None or value == EPHEMERAL_SIGNING_KEY:
         return None
     if value.startswith("@"):
         try:
@@ -244,6 +257,20 @@ def _signing_key(reader: _Reader) -> bytes | None:
                 f"TEE_ATTESTATION_SIGNING_PRIVATE_KEY: cannot read key file ({exc.strerror})")
             return None
     return value.replace("\\n", "\n").encode("utf-8")
+
+
+def _ready_requires(reader: _Reader, strict: bool) -> tuple[str, ...]:
+    """ENCLAVE_READY_REQUIRES: comma-separated READY_PARTS (default: all of them in
+    staging/production, none beyond an RPC secret elsewhere)."""
+    value = reader.raw("ENCLAVE_READY_REQUIRES")
+    if value is None:
+        return STRICT_READY_REQUIRES if strict else ()
+    parts = tuple(dict.fromkeys(p.strip() for p in value.split(",") if p.strip()))
+    unknown = [p for p in parts if p not in READY_PARTS]
+    if unknown or not parts:
+        reader.problems.append(f"ENCLAVE_READY_REQUIRES must list some of {', '.join(READY_PARTS)}")
+        return STRICT_READY_REQUIRES if strict else ()
+    return parts
 
 
 def _sealing_key(reader: _Reader) -> bytes | None:
@@ -309,7 +336,9 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
     state_dir = Path(r.raw("ENCLAVE_STATE_DIR") or (".local" if local else "/opt/enclave/state"))
     required = r.boolean("TEE_ATTESTATION_REQUIRED", False)
     allow_insecure = r.boolean("TEE_ALLOW_INSECURE_DEV_ATTESTATION", local_defaults)
+    signing_value = r.raw("TEE_ATTESTATION_SIGNING_PRIVATE_KEY")
     signing_key = _signing_key(r)
+    from .attestation import NSM_DEVICE as nsm_device  # here: attestation is heavy to import
     doc_path = r.raw("TEE_ATTESTATION_DOCUMENT_PATH")
     doc_b64 = r.raw("TEE_ATTESTATION_DOCUMENT")
     secret = r.raw("ENCLAVE_RPC_SHARED_SECRET")
@@ -339,6 +368,12 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
 
     if doc_path and doc_b64:
         r.problems.append("set only one of TEE_ATTESTATION_DOCUMENT_PATH and TEE_ATTESTATION_DOCUMENT")
+    if signing_value == EPHEMERAL_SIGNING_KEY and mode != "dev-shim" and (doc_b64 or (
+            doc_path and doc_path != nsm_device)):
+        r.problems.append(f"TEE_ATTESTATION_SIGNING_PRIVATE_KEY={EPHEMERAL_SIGNING_KEY} needs "
+                          f"TEE_ATTESTATION_DOCUMENT_PATH={nsm_device}: a static document cannot "
+                          "bind a key made at boot")
+    ready_requires = _ready_requires(r, strict)
     if mode == "dev-shim" and not strict:  # strict environments reject dev-shim outright
         if env_unreadable:
             pass
@@ -361,20 +396,25 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
             r.problems.append(f"TEE_ATTESTATION_REQUIRED must be true when ALFRED_ENV={env}")
         if allow_insecure:
             r.problems.append(f"TEE_ALLOW_INSECURE_DEV_ATTESTATION must be false when ALFRED_ENV={env}")
-        if signing_key is None:
-            r.problems.append(f"TEE_ATTESTATION_SIGNING_PRIVATE_KEY must be set when ALFRED_ENV={env}")
-        if secret is None:
-            r.problems.append(f"ENCLAVE_RPC_SHARED_SECRET must be set when ALFRED_ENV={env}")
-        elif secret == LOCAL_DEFAULT_RPC_SECRET:
-            r.problems.append("ENCLAVE_RPC_SHARED_SECRET must not be the local default "
-                              f"when ALFRED_ENV={env}")
-        elif len(secret.encode("utf-8")) < MIN_RPC_SECRET_BYTES:
-            r.problems.append(f"ENCLAVE_RPC_SHARED_SECRET must be at least {MIN_RPC_SECRET_BYTES} "
-                              f"bytes when ALFRED_ENV={env}")
+        if signing_value is None:
+            r.problems.append(f"TEE_ATTESTATION_SIGNING_PRIVATE_KEY must be set when "
+                              f"ALFRED_ENV={env}: {EPHEMERAL_SIGNING_KEY} with "
+                              f"TEE_ATTESTATION_DOCUMENT_PATH={nsm_device}, or a key for a "
+                              "static document")
+        elif signing_key is not None and doc_path == nsm_device:
+            r.problems.append(f"TEE_ATTESTATION_SIGNING_PRIVATE_KEY must be {EPHEMERAL_SIGNING_KEY} "
+                              f"with TEE_ATTESTATION_DOCUMENT_PATH={nsm_device} when "
+                              f"ALFRED_ENV={env}: a key in the environment is in the public "
+                              "image, so anyone holding it could sign as the enclave")
+        for name in CHANNEL_ONLY_SECRETS:
+            if r.raw(name) is not None:
+                r.problems.append(f"{name} is a secret: when ALFRED_ENV={env} it arrives only "
+                                  "over the secrets channel, never from the environment (an "
+                                  "enclave's environment is its public image)")
         for name in ("GOOGLE_OAUTH_TOKEN_URL", "GOOGLE_OAUTH_REVOKE_URL", "ENCLAVE_OUTBOUND_CA_FILE"):
             if r.raw(name) is not None:
                 r.problems.append(f"{name} may only be overridden when ALFRED_ENV is local or test")
-        for name in ("MTLS_CLIENT_CERT_JSON", "ECS_WATERMARK_ENDPOINT"):
+        for name in ("ECS_WATERMARK_ENDPOINT",):
             if r.raw(name) is not None:
                 r.problems.append(f"{name} comes over the secrets channel when ALFRED_ENV={env} "
                                   "(the environment is for local development)")
@@ -407,14 +447,14 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         attestation_required=required, allow_insecure_dev_attestation=allow_insecure,
         signing_private_key_pem=signing_key, attestation_document_path=doc_path,
         attestation_document_b64=doc_b64,
-        rpc_shared_secret=secret if secret is not None else LOCAL_DEFAULT_RPC_SECRET,
+        rpc_shared_secret=secret if secret is not None or strict else LOCAL_DEFAULT_RPC_SECRET,
         allow_local_default_secret=local_defaults,
         rpc_max_skew_s=skew, mtls_client_cert_json=mtls_json,
         ecs_watermark_endpoint=endpoint, ecs_watermark_path=wm_path,
         google_client_id=google_client_id, google_client_secret=google_client_secret,
         google_token_url=token_url, google_revoke_url=revoke_url, outbound_ca_file=ca_file,
         token_sealing_key=sealing_key, egress_routes=egress_routes,
-        log_format=log_format, log_level=log_level,
+        log_format=log_format, log_level=log_level, ready_requires=ready_requires,
     )
 
 

@@ -74,24 +74,45 @@ class UpstreamRejected(ApiError):
 
 
 # -- 503: a secret or setting has not been delivered yet --------------------------------------
-class NotConfigured(ClassifiedError):
-    status, code = 503, "not_configured"
+class NotReady(ClassifiedError):
+    """503 not_ready: what the route needs has not arrived over the secrets channel yet.
+
+    `missing` names the parts, in the vocabulary of /healthz and ENCLAVE_READY_REQUIRES:
+    rpc_secret, sealing_key, google_credentials, mtls (certificates and endpoint).
+    """
+
+    status, code = 503, "not_ready"
+    missing: tuple[str, ...] = ()
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] | None = None):
+        super().__init__(message)
+        if missing is not None:
+            self.missing = tuple(missing)
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["missing"] = list(self.missing)
+        return body
 
 
-class GoogleOAuthNotConfigured(NotConfigured):
-    code = "google_oauth_not_configured"
+class RpcSecretNotReady(NotReady):
+    missing = ("rpc_secret",)
 
 
-class TokenSealingNotConfigured(NotConfigured):
-    code = "token_sealing_not_configured"
+class GoogleOAuthNotConfigured(NotReady):
+    missing = ("google_credentials",)
 
 
-class MtlsNotConfigured(NotConfigured):
-    code = "mtls_not_configured"
+class TokenSealingNotConfigured(NotReady):
+    missing = ("sealing_key",)
 
 
-class WatermarkEndpointNotConfigured(NotConfigured):
-    code = "watermark_endpoint_not_configured"
+class MtlsNotConfigured(NotReady):
+    missing = ("mtls",)
+
+
+class WatermarkEndpointNotConfigured(NotReady):
+    missing = ("mtls",)  # the endpoint travels with the certificates (ECS_WATERMARK_ENDPOINT)
 
 
 # -- 502/504: the upstream failed -------------------------------------------------------------

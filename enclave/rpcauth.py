@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import ApiError
+from .errors import ApiError, RpcSecretNotReady
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,16 @@ class RpcAuthenticator:
                     reason, method, target.split("?", 1)[0])
         return AuthError(reason)
 
+    def has_secret(self, now: float) -> bool:
+        """Whether any request could authenticate now (readiness: `rpc_secret`)."""
+        return bool(self._secrets(now))
+
+    def _not_ready(self) -> RpcSecretNotReady:
+        if self._metrics is not None:
+            self._metrics.inc(AUTH_FAILURES_METRIC, {"reason": "not_ready"})
+        return RpcSecretNotReady("no RPC shared secret has been delivered yet "
+                                 "(ENCLAVE_RPC_SHARED_SECRET over the secrets channel)")
+
     def _one_header(self, headers, name: str, method: str, target: str) -> str:
         values = _header_values(headers, name)
         if not values:
@@ -205,7 +215,12 @@ class RpcAuthenticator:
         return values[0]
 
     def precheck(self, method: str, target: str, headers, now: float) -> PendingAuth:
-        """Steps (1)-(3), before the body is read. Returns PendingAuth or raises AuthError."""
+        """Steps (0)-(3), before the body is read. Returns PendingAuth or raises AuthError
+        (or RpcSecretNotReady: no secret to check against)."""
+        # (0) a secret to check against: without one no request can authenticate, and the
+        # caller learns why (503 not_ready, as /healthz says) instead of a misleading 401.
+        if not self._secrets(now):
+            raise self._not_ready()
         # (1) exactly one of each header
         ts_text, nonce, sig_text = (self._one_header(headers, n, method, target) for n in HEADERS)
         # (2) strict formats
@@ -239,8 +254,8 @@ class RpcAuthenticator:
         method, target = pending.method, pending.target
         # (4) MAC against every valid secret, constant-time, on bytes
         secrets = self._secrets(now)
-        if not secrets:
-            raise self._fail("no_secret", method, target)
+        if not secrets:  # cleared since the precheck
+            raise self._not_ready()
         text = string_to_sign(method, target, pending.unverified_timestamp,
                               pending.unverified_nonce, body)
         valid = False

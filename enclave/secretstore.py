@@ -158,6 +158,16 @@ class SecretStore:
             "mtls": {"configured": snapshot.configured, "not_after": _iso(snapshot.not_after)},
         }
 
+    def missing(self, parts) -> list[str]:
+        """Which of `parts` (sealing_key, google_credentials, mtls; others are not the store's)
+        are not usable now. mtls needs the certificates AND the endpoint."""
+        usable = {
+            "sealing_key": self.sealing_key() is not None,
+            "google_credentials": self.google_credentials() is not None,
+            "mtls": self._mtls.configured and self._mtls.endpoint is not None,
+        }
+        return [part for part in parts if part in usable and not usable[part]]
+
     def ready(self) -> bool:
         """Secrets are usable: a delivery was accepted, or the environment supplied them."""
         return self._state.received or self._env_supplied

@@ -330,9 +330,6 @@ class TestBuildAttestation(TempStateCase):
         cases = {
             "disabled": (self.settings(mode="disabled"), "disabled"),
             "remote without a document": (self.settings(mode="remote"), "requires"),
-            "strict without a key": (self.settings(env="production", mode="remote",
-                                                   attestation_document_b64="AAAA"),
-                                     "must be set"),
             "dev-shim with attestation required": (self.settings(attestation_required=True),
                                                    "dev-shim requires"),
             "unusable key": (self.settings(signing_private_key_pem=b"nope"), "not a readable"),

@@ -29,15 +29,15 @@ KEY_PEM = ec.generate_private_key(ec.SECP384R1()).private_bytes(
 
 
 def strict_env(env: str, **overrides) -> dict:
-    """A valid staging/production environment, with overrides (None removes a variable)."""
+    """A valid staging/production environment, with overrides (None removes a variable).
+    Like the Containerfile's: a per-boot key bound by the NSM, and no secret value at all."""
     base = {
         "ALFRED_ENV": env,
         "ENCLAVE_RUNTIME_MODE": "remote",
         "TEE_ATTESTATION_DOCUMENT_PATH": "/dev/nsm",
         "TEE_ATTESTATION_REQUIRED": "true",
         "TEE_ALLOW_INSECURE_DEV_ATTESTATION": "false",
-        "TEE_ATTESTATION_SIGNING_PRIVATE_KEY": KEY_PEM,
-        "ENCLAVE_RPC_SHARED_SECRET": STRONG_SECRET,
+        "TEE_ATTESTATION_SIGNING_PRIVATE_KEY": "ephemeral",
     }
     for key, value in overrides.items():
         if value is None:
@@ -77,6 +77,11 @@ class LocalDefaults(unittest.TestCase):
         for env in ("staging", "production"):
             with self.subTest(env=env):
                 s = load_settings(strict_env(env))
+                self.assertIsNone(s.signing_private_key_pem)  # per boot, bound by the NSM
+                self.assertIsNone(s.rpc_shared_secret)  # only ever delivered
+                self.assertIsNone(s.token_sealing_key)
+                self.assertEqual(s.ready_requires, ("rpc_secret", "sealing_key",
+                                                    "google_credentials", "mtls"))
                 self.assertEqual(s.mode, "remote")
                 self.assertEqual(str(s.secrets_listen), "vsock:ANY:7777")
                 self.assertEqual(s.certs_dir, Path("/opt/enclave/certs"))
@@ -116,10 +121,23 @@ class FailClosed(unittest.TestCase):
          "TEE_ALLOW_INSECURE_DEV_ATTESTATION"),
         ("no signing key", {"TEE_ATTESTATION_SIGNING_PRIVATE_KEY": None},
          "TEE_ATTESTATION_SIGNING_PRIVATE_KEY"),
-        ("no shared secret", {"ENCLAVE_RPC_SHARED_SECRET": None}, "ENCLAVE_RPC_SHARED_SECRET"),
+        ("a signing key in the image with the NSM",
+         {"TEE_ATTESTATION_SIGNING_PRIVATE_KEY": KEY_PEM}, "TEE_ATTESTATION_SIGNING_PRIVATE_KEY"),
+        ("a per-boot key with a static document",
+         {"TEE_ATTESTATION_DOCUMENT_PATH": None, "TEE_ATTESTATION_DOCUMENT": "AAAA"},
+         "TEE_ATTESTATION_SIGNING_PRIVATE_KEY"),
+        ("shared secret in the environment", {"ENCLAVE_RPC_SHARED_SECRET": STRONG_SECRET},
+         "ENCLAVE_RPC_SHARED_SECRET"),
         ("local default secret", {"ENCLAVE_RPC_SHARED_SECRET": LOCAL_DEFAULT_RPC_SECRET},
          "ENCLAVE_RPC_SHARED_SECRET"),
-        ("short secret", {"ENCLAVE_RPC_SHARED_SECRET": "x" * 31}, "ENCLAVE_RPC_SHARED_SECRET"),
+        ("sealing key in the environment",
+         {"ENCLAVE_TOKEN_SEALING_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="},
+         "ENCLAVE_TOKEN_SEALING_KEY"),
+        ("Google client secret in the environment",
+         {"GOOGLE_OAUTH_CLIENT_SECRET": "google-secret-in-the-image"},
+         "GOOGLE_OAUTH_CLIENT_SECRET"),
+        ("unknown readiness part", {"ENCLAVE_READY_REQUIRES": "rpc_secret,coffee"},
+         "ENCLAVE_READY_REQUIRES"),
         ("token URL override", {"GOOGLE_OAUTH_TOKEN_URL": "https://127.0.0.1:1/token"},
          "GOOGLE_OAUTH_TOKEN_URL"),
         ("revoke URL override", {"GOOGLE_OAUTH_REVOKE_URL": "https://127.0.0.1:1/revoke"},
@@ -143,10 +161,11 @@ class FailClosed(unittest.TestCase):
                     self.assertTrue(any(variable in p for p in found), found)
 
     def test_all_violations_are_reported_at_once(self):
-        found = problems({"ALFRED_ENV": "production"})
+        found = problems({"ALFRED_ENV": "production", "ENCLAVE_RPC_SHARED_SECRET": STRONG_SECRET,
+                          "MTLS_CLIENT_CERT_JSON": "{}"})
         for variable in ("ENCLAVE_RUNTIME_MODE", "TEE_ATTESTATION_DOCUMENT",
                          "TEE_ATTESTATION_REQUIRED", "TEE_ATTESTATION_SIGNING_PRIVATE_KEY",
-                         "ENCLAVE_RPC_SHARED_SECRET"):
+                         "ENCLAVE_RPC_SHARED_SECRET", "MTLS_CLIENT_CERT_JSON"):
             self.assertTrue(any(variable in p for p in found), (variable, found))
 
     def test_dev_shim_rules_and_strict_values(self):
@@ -205,13 +224,15 @@ class FailClosed(unittest.TestCase):
     def test_problems_never_contain_values(self):
         secret = "do-not-print-this-secret-value!!"
         found = problems(strict_env("production", ENCLAVE_RPC_SHARED_SECRET=secret[:20],
+                                    GOOGLE_OAUTH_CLIENT_SECRET=secret,
                                     TEE_ATTESTATION_REQUIRED="maybe-" + secret))
         self.assertTrue(found)
         for p in found:
             self.assertNotIn(secret[:20], p)
 
     def test_redacted_view_and_repr_hide_secrets(self):
-        s = load_settings(strict_env("production"))
+        s = load_settings({"ALFRED_ENV": "local", "ENCLAVE_RPC_SHARED_SECRET": STRONG_SECRET,
+                           "TEE_ATTESTATION_SIGNING_PRIVATE_KEY": KEY_PEM})
         for shown in (str(s.redacted()), repr(s)):
             self.assertNotIn(STRONG_SECRET, shown)
             self.assertNotIn("PRIVATE KEY", shown)

@@ -36,13 +36,23 @@ class ErrorMapTest(unittest.TestCase):
             with self.subTest(cls.__name__):
                 error = cls("a sentence")
                 self.assertEqual((error.status, error.code), (cls.status, cls.code))
-                self.assertEqual(error.body()["error"], {"code": cls.code,
-                                                         "message": "a sentence"})
+                self.assertEqual({k: error.body()["error"][k] for k in ("code", "message")},
+                                 {"code": cls.code, "message": "a sentence"})
 
     def test_codes_are_distinct_per_class(self):
-        concrete = [cls for cls in classified() if cls is not errors.NotConfigured]
+        concrete = [cls for cls in classified() if not issubclass(cls, errors.NotReady)]
         codes = [cls.code for cls in concrete]
         self.assertEqual(len(codes), len(set(codes)), codes)
+
+    def test_not_ready_names_what_is_missing(self):
+        for cls in classified():
+            if issubclass(cls, errors.NotReady) and cls is not errors.NotReady:
+                with self.subTest(cls.__name__):
+                    body = cls("a sentence").body()["error"]
+                    self.assertEqual((cls.status, body["code"]), (503, "not_ready"))
+                    self.assertTrue(body["missing"])
+                    self.assertTrue(set(body["missing"]) <= {"rpc_secret", "sealing_key",
+                                                             "google_credentials", "mtls"})
 
     def test_upstream_vocabulary(self):
         expected = {
@@ -71,8 +81,7 @@ class ErrorMapTest(unittest.TestCase):
 
     def test_readme_lists_every_code_with_its_status(self):
         table = readme_codes()
-        found = {cls.code: cls.status for cls in classified()
-                 if cls is not errors.NotConfigured}
+        found = {cls.code: cls.status for cls in classified()}
         for path in sorted((ROOT / "enclave").glob("*.py")):
             for match in _LITERAL.finditer(path.read_text(encoding="utf-8")):
                 status, code = [g for g in match.groups() if g]

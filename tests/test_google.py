@@ -231,12 +231,14 @@ class ExchangeTest(GoogleTestCase):
         for creds in (None, ("", ""), (DEFAULT_CLIENT_ID, "")):
             with self.subTest(creds=creds is not None):
                 self.creds = creds
-                self.assertApiError(503, "google_oauth_not_configured", self.google.exchange,
-                                    {"code": self.mint(), "redirect_uri": REDIRECT})
+                exc = self.assertApiError(503, "not_ready", self.google.exchange,
+                                          {"code": self.mint(), "redirect_uri": REDIRECT})
+                self.assertEqual(exc.body()["error"]["missing"], ["google_credentials"])
         self.creds = (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
         self.key = None
-        self.assertApiError(503, "token_sealing_not_configured", self.google.exchange,
-                            {"code": self.mint(), "redirect_uri": REDIRECT})
+        exc = self.assertApiError(503, "not_ready", self.google.exchange,
+                                  {"code": self.mint(), "redirect_uri": REDIRECT})
+        self.assertEqual(exc.body()["error"]["missing"], ["sealing_key"])
         self.assertEqual(FAKE.state.token_requests, before)  # Google never called
 
     def test_request_validation(self):
@@ -419,7 +421,7 @@ class RefreshTest(GoogleTestCase):
             with self.subTest(name):
                 self.assertApiError(400, "invalid_request", self.google.refresh, body)
         self.creds = None
-        self.assertApiError(503, "google_oauth_not_configured", self.google.refresh,
+        self.assertApiError(503, "not_ready", self.google.refresh,
                             {"sealed_refresh_token": "v1.a.b"})
 
 
@@ -463,7 +465,7 @@ class RevokeTest(GoogleTestCase):
                 FAKE.set_mode("normal")
         with self.subTest("not configured"):
             self.creds = None
-            self.assertApiError(503, "google_oauth_not_configured", self.google.revoke,
+            self.assertApiError(503, "not_ready", self.google.revoke,
                                 {"token": "ya29.x"})
 
 

@@ -46,6 +46,9 @@ class _Store:
     def ready(self) -> bool:
         return True
 
+    def missing(self, parts) -> list[str]:
+        return []
+
 
 class _Rpc:
     """Google and watermark handlers that refuse every body as invalid (no upstream)."""

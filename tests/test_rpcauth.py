@@ -4,6 +4,7 @@ import json
 import unittest
 from email.message import Message
 
+from enclave.errors import RpcSecretNotReady
 from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from enclave.errors import ApiError
 from enclave.metrics import Metrics
@@ -215,20 +216,29 @@ class MacTest(Fixture):
     def test_local_default_secret_only_when_allowed(self):
         local_pairs = signed_pairs(secret=LOCAL_DEFAULT_RPC_SECRET)
         strict = RpcAuthenticator(lambda now: [LOCAL_DEFAULT_RPC_SECRET], SKEW)
-        with self.assertRaises(AuthError) as ctx:
+        with self.assertRaises(RpcSecretNotReady) as ctx:  # the default is no secret at all
             self.check(local_pairs, auth=strict)
-        self.assertEqual(ctx.exception.reason, "no_secret")
+        self.assertEqual(ctx.exception.body()["error"]["missing"], ["rpc_secret"])
         local = RpcAuthenticator(lambda now: [LOCAL_DEFAULT_RPC_SECRET], SKEW,
                                  allow_local_default_secret=True)
         self.check(local_pairs, auth=local)
 
-    def test_no_secret_fails_closed(self):
+    def test_no_secret_fails_closed_as_not_ready(self):
         for name, secrets in (("empty list", []), ("None", None), ("empty string", [""])):
             with self.subTest(name):
                 auth = RpcAuthenticator(lambda now, s=secrets: s, SKEW)
-                with self.assertRaises(AuthError) as ctx:
+                with self.assertRaises(RpcSecretNotReady) as ctx:
                     self.check(signed_pairs(), auth=auth)
-                self.assertEqual(ctx.exception.reason, "no_secret")
+                self.assertEqual((ctx.exception.status, ctx.exception.code), (503, "not_ready"))
+
+    def test_a_secret_cleared_between_precheck_and_finish_is_not_ready(self):
+        current = [SECRET]
+        auth = RpcAuthenticator(lambda now: list(current), SKEW)
+        pairs = signed_pairs()
+        pending = auth.precheck("POST", TARGET, message(pairs), NOW)
+        current.clear()
+        with self.assertRaises(RpcSecretNotReady):
+            auth.finish(pending, BODY, NOW)
 
 
 class ReplayTest(Fixture):

@@ -64,7 +64,8 @@ class EndToEnd(unittest.TestCase):
 
     def test_1_before_secrets_the_rpc_answers_503(self):
         status, body = self.rpc()
-        self.assertEqual((status, body["error"]["code"]), (503, "mtls_not_configured"))
+        self.assertEqual((status, body["error"]["code"], body["error"]["missing"]),
+                         (503, "not_ready", ["mtls"]))
         status, health = self.stack.call("GET", "/healthz?ready=1", sign=False)
         self.assertEqual((status, health["status"], health["ready"]), (503, "degraded", False))
 
@@ -161,8 +162,8 @@ class Failures(unittest.TestCase):
             del payload["ECS_WATERMARK_ENDPOINT"]
             self.assertTrue(stack.deliver(payload)["ok"])
             status, body = stack.call("POST", "/v1/rpc/watermark", BODY)
-            self.assertEqual((status, body["error"]["code"]),
-                             (503, "watermark_endpoint_not_configured"))
+            self.assertEqual((status, body["error"]["code"], body["error"]["missing"]),
+                             (503, "not_ready", ["mtls"]))
 
     def test_wrong_ca_answers_upstream_tls_error(self):
         with LocalStack(google=False) as stack:
