@@ -119,6 +119,11 @@ class InvalidSecret(SecretsError):
     code = "invalid_secret"
 
 
+class RequiredSecret(SecretsError):
+    """A delivery would clear a secret the configuration needs (ENCLAVE_READY_REQUIRES)."""
+    code = "required_secret"
+
+
 class TooLarge(SecretsError):
     code = "too_large"
 

@@ -54,6 +54,7 @@ _SO_LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close() sen
 RECV_CHUNK_BYTES = 64 * 1024
 LISTEN_BACKLOG = 8  # senders queued behind the one being served
 SHUTDOWN_POLL_S = 0.1  # how often serve_forever checks for shutdown (bounds shutdown latency)
+STOP_CHECK_S = 0.1  # start-up window: how often SIGTERM is checked while waiting for secrets
 
 M_CONNECTIONS = "enclave_secrets_connections_total"
 
@@ -307,11 +308,21 @@ class SecretsListener:
             return
 
 
-def wait_for_initial(store, timeout: float, via: str = "VSOCK") -> bool:
-    """The start-up window: wait for the first valid delivery, logging the operator lines."""
+def wait_for_initial(store, timeout: float, via: str = "VSOCK",
+                     stop: threading.Event | None = None) -> bool:
+    """The start-up window: wait for the first valid delivery, logging the operator lines.
+    Returns early (False) when `stop` is set: SIGTERM during the window stops at once."""
     log.info("Waiting for initial secrets via %s (timeout: %gs)...", via, timeout)
-    if store.wait_first(timeout):
-        log.info("Received initial secrets during startup")
-        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if store.wait_first(max(0.0, min(remaining, STOP_CHECK_S))):
+            log.info("Received initial secrets during startup")
+            return True
+        if stop is not None and stop.is_set():
+            log.info("Stop requested during the start-up window")
+            return False
+        if remaining <= 0:
+            break
     log.warning("No initial secrets received (will continue listening in background)")
     return False

@@ -22,10 +22,20 @@ from . import certstore, secrets, tls
 from .metrics import Metrics
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
-                      SEALING_KEY_BYTES, Busy, InvalidCertificate, SecretsError, SecretsState, StorageFailed)
+                      SEALING_KEY_BYTES, Busy, InvalidCertificate, RequiredSecret, SecretsError,
+                      SecretsState, StorageFailed)
 
 log = logging.getLogger(__name__)
 
+# The readiness part (ENCLAVE_READY_REQUIRES, not_ready's `missing`) each delivery key serves.
+PART_OF_KEY = {
+    ENCLAVE_RPC_SHARED_SECRET: "rpc_secret",
+    ENCLAVE_TOKEN_SEALING_KEY: "sealing_key",
+    GOOGLE_OAUTH_CLIENT_ID: "google_credentials",
+    GOOGLE_OAUTH_CLIENT_SECRET: "google_credentials",
+    MTLS_CLIENT_CERT_JSON: "mtls",
+    ECS_WATERMARK_ENDPOINT: "mtls",
+}
 RPC_SECRET_GRACE_S = 300  # a rotated ENCLAVE_RPC_SHARED_SECRET stays valid this long (DESIGN §4)
 APPLY_LOCK_TIMEOUT_S = 10.0  # a second applier waits this long, then gets `busy`
 
@@ -80,6 +90,7 @@ class SecretStore:
         self._lock = threading.Lock()
         self._lock_timeout_s = lock_timeout_s
         self._received = threading.Event()
+        self.on_applied: list = []  # called (no arguments) after each accepted delivery
         self._describe_metrics()
         try:
             # A crash during an earlier run's update left the old or the new set; settle it.
@@ -158,6 +169,15 @@ class SecretStore:
             "mtls": {"configured": snapshot.configured, "not_after": _iso(snapshot.not_after)},
         }
 
+    def _refuse_clearing_required(self, new_state: SecretsState, changed: list[str]) -> None:
+        """A delivery may clear a secret only if the configuration does not need it: the RPC
+        secret always, the others when ENCLAVE_READY_REQUIRES lists their part."""
+        required = {"rpc_secret", *self._settings.ready_requires}
+        for key in changed:
+            if new_state.get(key) is None and PART_OF_KEY[key] in required:
+                raise RequiredSecret(f"{key} cannot be cleared: this configuration needs "
+                                     f"{PART_OF_KEY[key]} (deliver a new value instead)")
+
     def missing(self, parts) -> list[str]:
         """Which of `parts` (sealing_key, google_credentials, mtls; others are not the store's)
         are not usable now. mtls needs the certificates AND the endpoint."""
@@ -189,6 +209,11 @@ class SecretStore:
             return self.refuse(SecretsError("internal error; the delivery was not applied"), peer,
                                code="internal_error")
         self._metrics.inc(M_DELIVERIES, {"result": "accepted"})
+        for callback in self.on_applied:
+            try:
+                callback()
+            except Exception:  # an observer must never turn an applied delivery into an error
+                log.exception("secrets observer %r failed", callback)
         return {"ok": True, "version": state.version, "changed": changed}
 
     def refuse(self, exc: SecretsError, peer: str = "", code: str | None = None) -> dict:
@@ -211,6 +236,7 @@ class SecretStore:
     def _apply_locked(self, unverified: dict) -> tuple[SecretsState, list[str]]:
         current, snapshot = self._state, self._mtls
         new_state, changed = secrets.apply_update(current, unverified, self._now())
+        self._refuse_clearing_required(new_state, changed)
         if not changed:
             self._commit(new_state, snapshot)
             log.info("Received secrets update (no change, version %d)", new_state.version)

@@ -156,12 +156,14 @@ def build_services(settings: Settings, metrics: Metrics):
                    closers=(outbound.close, watermark.close, attestation.close))
 
 
-def start(settings: Settings, metrics: Metrics | None = None) -> Running:
-    """Steps 2-4: build, bind both listeners (secrets first), wait for secrets, serve HTTP.
+def start(settings: Settings, metrics: Metrics | None = None,
+          stop: threading.Event | None = None) -> Running:
+    """Steps 2-4: build, bind both listeners (secrets first), serve, wait for secrets.
 
     Both addresses are bound before the secrets listener accepts anything, so a busy HTTP
-    port fails start-up (ListenError) before any delivery is acknowledged. HTTP connections
-    made during the start-up window wait in the listen backlog until HTTP serves.
+    port fails start-up (ListenError) before any delivery is acknowledged. HTTP serves from
+    then on: /healthz, /metrics and attestation answer during the start-up window, RPCs answer
+    503 not_ready until what they need arrives. `stop` (set by SIGTERM/SIGINT) ends the window.
     """
     from .secrets_listener import SecretsListener, wait_for_initial
 
@@ -183,20 +185,20 @@ def start(settings: Settings, metrics: Metrics | None = None) -> Running:
         listener.shutdown()
         runtime.close()
         raise
-    threads = [listener.start()]
+    threads = [listener.start(), http.serve_in_thread()]
+    running = Running(settings, runtime, http, listener, [t for t in threads if t])
+    insecure = " INSECURE dev-shim attestation" if settings.mode == "dev-shim" else ""
+    log.info("serving: http=%s secrets=%s mode=%s env=%s%s", _actual(settings.http_listen, http),
+             listener.address, settings.mode, settings.env, insecure)
+    runtime.store.on_applied.append(runtime.note_readiness)
     try:
         wait_for_initial(runtime.store, settings.secrets_initial_timeout_s,
-                         via=listener.address.family.upper())
+                         via=listener.address.family.upper(), stop=stop)
     except BaseException:
-        listener.shutdown()
-        http.server_close()
-        runtime.close()
+        running.stop()
         raise
-    threads.append(http.serve_in_thread())
-    insecure = " INSECURE dev-shim attestation" if settings.mode == "dev-shim" else ""
-    log.info("ready: http=%s secrets=%s mode=%s env=%s%s", _actual(settings.http_listen, http),
-             listener.address, settings.mode, settings.env, insecure)
-    return Running(settings, runtime, http, listener, [t for t in threads if t])
+    runtime.note_readiness()
+    return running
 
 
 def _actual(address, http: HttpServer) -> str:
@@ -222,7 +224,7 @@ def run(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
-        running = start(settings)
+        running = start(settings, stop=stop)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("start-up failed: %s", problem)
@@ -230,7 +232,7 @@ def run(args) -> int:
     except (EnclaveError, OSError) as exc:
         log.error("start-up failed: %s", exc)
         return 2
-    while not stop.wait(1.0):
+    while not stop.wait(1.0):  # a bounded wait: signal handlers run between the waits
         pass
     log.info("stopping: draining in-flight requests")
     clean = running.stop()

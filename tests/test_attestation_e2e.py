@@ -42,7 +42,7 @@ READY_TIMEOUT_S = 30.0
 EXIT_TIMEOUT_S = 20.0
 QUICK_EXIT_S = 15.0  # a refused configuration exits well before this, even on a busy machine
 COMMAND_TIMEOUT_S = 60.0
-READY_LINE = re.compile(r"ready: http=tcp:127\.0\.0\.1:(\d+) ")
+READY_LINE = re.compile(r"serving: http=tcp:127\.0\.0\.1:(\d+) ")
 ENV_PREFIXES = ("ALFRED_", "ENCLAVE_", "TEE_", "GOOGLE_", "ECS_", "MTLS_")
 JSON = {"Content-Type": "application/json"}
 
@@ -403,7 +403,7 @@ class TestStaticDocumentStartup(TempDirCase):
                 self.assertIn("TEE_ATTESTATION_DOCUMENT_PATH", log)
                 self.assertIn("public_key does not match the signing identity", log)
                 self.assertIn(expected, log)
-                self.assertNotIn("ready:", log)
+                self.assertNotIn("serving:", log)
                 self.assertNotIn("Traceback", log)
 
 
