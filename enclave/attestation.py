@@ -159,7 +159,7 @@ class StaticSource(AttestationSource):
                 "minted for TEE_ATTESTATION_SIGNING_PRIVATE_KEY")
         cabundle = fields.get("cabundle")
         first = cabundle[0] if isinstance(cabundle, list) and cabundle else None
-        self.insecure = first != verifier.nitro_root_der()
+        self.insecure = isinstance(first, bytes) and devpki.names_itself_insecure(first)
         self._document = bytes(document)
 
     @classmethod
@@ -386,7 +386,7 @@ class AttestationService:
         module_id = fields.get("module_id")
         dev_shim = isinstance(module_id, str) and module_id.startswith("dev-shim")
         return {
-            # the document's own shape; `insecure` says whether it chains to the AWS root
+            # the document's own shape; `insecure`: it chains to an INSECURE (dev-shim) root
             "format": "dev-shim" if dev_shim else "aws-nitro",
             "document": _b64(document),
             "public_key": _b64(fields.get("public_key")),

@@ -58,6 +58,16 @@ class Issued:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
 
+def names_itself_insecure(root_der: bytes) -> bool:
+    """Whether a root certificate says INSECURE in its subject, as every dev-shim root does:
+    the mark that makes a document `insecure` for the runtime, probe and verify alike."""
+    try:
+        subject = x509.load_der_x509_certificate(root_der).subject.rfc4514_string()
+    except ValueError:
+        return False
+    return "INSECURE" in subject
+
+
 def dev_dir(state_dir: str | os.PathLike) -> Path:
     return Path(state_dir) / DEV_DIR_NAME
 

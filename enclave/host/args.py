@@ -7,8 +7,6 @@ import os
 import re
 import sys
 
-from cryptography import x509
-
 from .. import devpki
 from ..nitro import nitro_root_der, pem_to_der_certs
 from ..nitro.verifier import MAX_PCRS, SHA384_BYTES
@@ -19,10 +17,8 @@ MAX_ROOT_PEM_BYTES = 64 * 1024  # a root certificate PEM is ~1 KiB
 _PCR = re.compile(r"(\d{1,2})=([0-9a-fA-F]+)")
 PCR_HEX_DIGITS = 2 * SHA384_BYTES  # every Nitro PCR is a SHA-384 value
 
-
 class UsageError(Exception):
     """Bad arguments or unreadable files: exit 2."""
-
 
 def read_bounded(path: str, limit: int, what: str | None = None) -> bytes:
     """The bytes of `path` ('-' is stdin), at most `limit` of them, or UsageError."""
@@ -39,7 +35,6 @@ def read_bounded(path: str, limit: int, what: str | None = None) -> bytes:
         raise UsageError(f"{name} is larger than {limit} bytes")
     return data
 
-
 def parse_pcrs(values: list[str]) -> dict[int, bytes]:
     """--pcr N=HEX values as {index: bytes}: N in 0..31, HEX a SHA-384 (96 hex digits)."""
     out = {}
@@ -53,7 +48,6 @@ def parse_pcrs(values: list[str]) -> dict[int, bytes]:
             raise UsageError(f"--pcr {match[1]}=: {expected}, got {len(match[2])} hex digits")
         out[int(match[1])] = bytes.fromhex(match[2])
     return out
-
 
 def resolve_secret(args, environ) -> str | None:
     """--secret, else ENCLAVE_RPC_SHARED_SECRET, else the published local default, which only
@@ -71,7 +65,6 @@ def resolve_secret(args, environ) -> str | None:
     if environ.get("ALFRED_ENV") == "local":
         return LOCAL_DEFAULT_RPC_SECRET
     return None
-
 
 def attach_option_values(argv: list[str], options: dict[str, re.Pattern]) -> list[str]:
     """`--opt VALUE` -> `--opt=VALUE` when VALUE matches the option's pattern, so a value that
@@ -91,11 +84,7 @@ def attach_option_values(argv: list[str], options: dict[str, re.Pattern]) -> lis
         i += 1
     return out
 
-
-def is_insecure_root(der: bytes) -> bool:
-    """A dev-shim root: its subject says INSECURE."""
-    return "INSECURE" in x509.load_der_x509_certificate(der).subject.rfc4514_string()
-
+is_insecure_root = devpki.names_itself_insecure  # a dev-shim root: its subject says INSECURE
 
 def _read_roots(paths: list[str], allow_insecure: bool, hint: str) -> list[bytes]:
     roots = []
@@ -110,7 +99,6 @@ def _read_roots(paths: list[str], allow_insecure: bool, hint: str) -> list[bytes
             roots.append(der)
     return roots
 
-
 def _dev_roots(state_dir: str) -> list[bytes]:
     try:
         return pem_to_der_certs(devpki.read_root_pem(state_dir))
@@ -119,7 +107,6 @@ def _dev_roots(state_dir: str) -> list[bytes]:
     except ValueError:
         raise UsageError(f"the dev root in {devpki.dev_dir(state_dir)} is not a PEM "
                          "certificate") from None
-
 
 def trusted_roots(root_paths: list[str], *, allow_insecure_dev: bool, state_dir: str | None,
                   environ=None, strict: bool = False) -> tuple[list[bytes], str]:

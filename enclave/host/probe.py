@@ -307,7 +307,7 @@ class Probe:
         return body
 
     def _verify(self, document: bytes, **kwargs) -> tuple[nitro.VerifiedDocument, bool]:
-        """The verified document and whether it chains to a root other than AWS's."""
+        """The verified document and whether it chains to an INSECURE (dev-shim) root."""
         try:
             verified = self.verifier.verify(
                 document, at_ms=int(self.clock() * 1000), allow_debug=False,
@@ -315,7 +315,7 @@ class Probe:
         except nitro.VerificationError as exc:
             hint = f" ({self.dev_root_note})" if exc.step == 3 and self.dev_root_note else ""
             raise CheckFailed(f"{exc}{hint}") from None
-        insecure = verified.root_der != nitro.nitro_root_der()
+        insecure = is_insecure_root(verified.root_der)
         if self.strict:
             _expect(not verified.module_id.startswith("dev-shim"),
                     f"--require-attestation: module_id {verified.module_id!r} is a dev-shim")
