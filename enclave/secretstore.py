@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import certstore, secrets, tls
+from . import certstore, sealing, secrets, tls
 from .metrics import Metrics
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
@@ -146,8 +146,9 @@ class SecretStore:
             return None
         return GoogleCredentials(client_id, client_secret)
 
-    def sealing_key(self) -> bytes | None:
-        return self._state.get(ENCLAVE_TOKEN_SEALING_KEY)
+    def sealing_keyring(self) -> sealing.Keyring | None:
+        key = self._state.get(ENCLAVE_TOKEN_SEALING_KEY)
+        return sealing.Keyring(key) if key is not None else None
 
     def health(self) -> dict:
         """The `secrets` and `mtls` parts of /healthz. Never a secret value."""
