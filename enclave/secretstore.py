@@ -147,8 +147,9 @@ class SecretStore:
         return GoogleCredentials(client_id, client_secret)
 
     def sealing_keyring(self) -> sealing.Keyring | None:
-        key = self._state.get(ENCLAVE_TOKEN_SEALING_KEY)
-        return sealing.Keyring(key) if key is not None else None
+        """The token sealing keys in force: a key a delivery replaced stays a previous key
+        until the process restarts (enclave.secrets.merge_sealing_key)."""
+        return self._state.get(ENCLAVE_TOKEN_SEALING_KEY)
 
     def health(self) -> dict:
         """The `secrets` and `mtls` parts of /healthz. Never a secret value."""
@@ -242,6 +243,10 @@ class SecretStore:
                          _iso(snapshot.not_after))
             else:
                 log.info("mTLS certificates cleared")
+        if ENCLAVE_TOKEN_SEALING_KEY in changed:
+            keyring = new_state.get(ENCLAVE_TOKEN_SEALING_KEY)  # key ids are not secret
+            log.info("Token sealing keys: %s", f"current {keyring.kids[0]}, previous "
+                     f"{', '.join(keyring.kids[1:]) or 'none'}" if keyring else "none (cleared)")
         return new_state, changed
 
     def _commit(self, state: SecretsState, snapshot: MtlsSnapshot) -> None:

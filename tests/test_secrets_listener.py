@@ -23,7 +23,6 @@ from enclave.addresses import VSOCK_CID_ANY, Address, parse_address
 from enclave.config import Settings
 from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from enclave.metrics import Metrics
-from enclave.sealing import Keyring
 from enclave.secrets import SecretsError
 from enclave.secrets_listener import SecretsListener, wait_for_initial
 from enclave.secretstore import RPC_SECRET_GRACE_S, SecretStore
@@ -505,7 +504,7 @@ class StoreTest(ChannelTestCase):
         creds = store.google_credentials()
         self.assertEqual((creds.client_id, creds.client_secret), ("client-id", "google-secret-value"))
         self.assertNotIn("google-secret-value", repr(creds))
-        self.assertEqual(store.sealing_keyring(), Keyring(bytes(range(32))))
+        self.assertEqual(store.sealing_keyring().current, bytes(range(32)))
         text = self.metrics.render()
         self.assertIn('enclave_secrets_deliveries_total{result="accepted"} 1', text)
         self.assertIn("enclave_secrets_version 1", text)
