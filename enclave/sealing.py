@@ -189,10 +189,10 @@ def unseal(keyring: Keyring, sealed: str, client_id: str) -> tuple[str, str]:
             return token, kid
     elif parts[0] == VERSION_V1 and len(parts) == 3:
         nonce, ciphertext = _nonce_and_ciphertext(parts[1], parts[2])
-        for key in keyring.keys:
+        for key, kid in zip(keyring.keys, keyring.kids):
             token = _open(key, nonce, ciphertext, _aad_v1(client_id))
             if token is not None:
-                return token, key_id(key)
+                return token, kid
     elif parts[0] in (VERSION, VERSION_V1):
         raise SealingError("sealed token is malformed")
     else:
