@@ -19,6 +19,7 @@ from email.message import Message
 from enclave.google import GoogleOAuth
 from enclave.outbound import OutboundClient
 from enclave.request import Request
+from enclave.sealing import Keyring
 from tests.fakes.fake_google import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeGoogle
 from tests.fakes.pki import TestCA
 
@@ -39,8 +40,8 @@ def _request(code: str) -> Request:
 
 def _measure(fake: FakeGoogle, ca_file: str, reuse: bool, seconds: float) -> dict:
     client = OutboundClient(ca_file=ca_file, reuse=reuse)
-    key = os.urandom(32)
-    google = GoogleOAuth(lambda: (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET), lambda: key,
+    keyring = Keyring(os.urandom(32))
+    google = GoogleOAuth(lambda: (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET), lambda: keyring,
                          client, fake.token_url, fake.revoke_url)
     try:
         for _ in range(WARMUP_REQUESTS):

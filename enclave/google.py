@@ -1,7 +1,11 @@
 """Google OAuth on behalf of the host (DESIGN.md section 9): exchange, refresh, revoke.
 
 The raw refresh token never leaves the enclave: the host only ever holds it sealed
-(enclave.sealing). Codes, tokens, the client secret and sealed values are never logged.
+(enclave.sealing). Tokens are sealed under the keyring's current key and opened under any key it
+holds; `refresh` hands back a token sealed under the current key whenever the one it was given
+is v1 or names a previous key (or Google rotated the refresh token), so clients migrate before an
+old key is dropped. Codes, tokens, the client secret, keys and sealed values are never logged
+(key ids are not secret).
 
 Errors are enclave.errors classes, each with its status and code (the server answers them):
     request validation            -> 400 invalid_request
@@ -13,8 +17,9 @@ Errors are enclave.errors classes, each with its status and code (the server ans
     refresh token over the sealing limit -> 502 upstream_invalid_response (see _seal_refresh)
     unreachable / TLS / deadline  -> 502 upstream_unavailable / 502 upstream_tls_error /
                                      504 upstream_timeout, raised by the outbound client
-    no client credentials yet     -> 503 google_oauth_not_configured
-    no sealing key yet            -> 503 token_sealing_not_configured
+    no client credentials yet     -> 503 not_ready (missing: google_credentials)
+    no sealing key yet            -> 503 not_ready (missing: sealing_key)
+    sealed token does not unseal  -> 400 invalid_sealed_token (altered, other client, key gone)
 Nothing is retried at this level (an invalid_grant is final); the HTTP client only resends a
 request that a stale keep-alive connection never delivered.
 """
@@ -84,11 +89,11 @@ class GoogleOAuth:
     """The three RPC handlers: each takes a Request, returns (status, dict) or raises ApiError."""
 
     def __init__(self, credentials_fn: Callable[[], tuple[str, str] | None],
-                 sealing_key_fn: Callable[[], bytes | None], client: OutboundClient,
+                 keyring_fn: Callable[[], sealing.Keyring | None], client: OutboundClient,
                  token_url: str, revoke_url: str, metrics=None, *,
                  timeout_s: float | None = None):
         self._credentials_fn = credentials_fn
-        self._sealing_key_fn = sealing_key_fn
+        self._keyring_fn = keyring_fn
         self._client = client
         self.token_url = token_url
         self.revoke_url = revoke_url
@@ -107,11 +112,12 @@ class GoogleOAuth:
                 "Google OAuth client credentials have not been delivered yet")
         return creds[0], creds[1]
 
-    def _sealing_key(self) -> bytes:
-        key = self._sealing_key_fn()
-        if not key:
+    def _keyring(self) -> sealing.Keyring:
+        """The keyring in force, taken once per request (a rotation mid-request cannot mix)."""
+        keyring = self._keyring_fn()
+        if keyring is None:
             raise TokenSealingNotConfigured("the token sealing key has not been delivered yet")
-        return key
+        return keyring
 
     def _count(self, operation: str, outcome: str) -> None:
         if self._metrics is not None:
@@ -161,7 +167,9 @@ class GoogleOAuth:
             f"Google answered HTTP {response.status}", upstream_status=response.status))
 
     def _token_answer(self, operation: str, response: Response, client_id: str,
-                      key: bytes | None) -> tuple[int, dict]:
+                      keyring: sealing.Keyring, reseal: str | None = None) -> tuple[int, dict]:
+        """The answer to the host. A refresh token from Google is sealed; without one, `reseal`
+        (the refresh token the host sent, when it was not sealed under the current key) is."""
         if response.status != 200:
             raise self._upstream_error(operation, response)
         try:
@@ -177,15 +185,17 @@ class GoogleOAuth:
             if isinstance(value, kind) and not isinstance(value, bool):
                 answer[name] = value
         refresh_token = body.get("refresh_token")
-        if isinstance(refresh_token, str) and refresh_token and key is not None:
-            answer["sealed_refresh_token"] = self._seal_refresh(operation, key, refresh_token,
-                                                                client_id)
+        if not (isinstance(refresh_token, str) and refresh_token):
+            refresh_token = reseal
+        if refresh_token is not None:
+            answer["sealed_refresh_token"] = self._seal_refresh(operation, keyring,
+                                                                refresh_token, client_id)
         self._count(operation, "ok")
         log.info("Google %s succeeded (refresh token sealed: %s)", operation,
-                 "sealed_refresh_token" in answer)
+                 f"yes, key {keyring.current_kid}" if "sealed_refresh_token" in answer else "no")
         return 200, answer
 
-    def _seal_refresh(self, operation: str, key: bytes, refresh_token: str,
+    def _seal_refresh(self, operation: str, keyring: sealing.Keyring, refresh_token: str,
                       client_id: str) -> str:
         """Seal Google's refresh token, or fail loudly: never a 200 that silently drops it.
 
@@ -197,7 +207,7 @@ class GoogleOAuth:
         """
         size = len(refresh_token.encode("utf-8"))
         if size <= sealing.MAX_TOKEN_BYTES:
-            return sealing.seal(key, refresh_token, client_id)
+            return sealing.seal(keyring, refresh_token, client_id)
         log.error("Google %s: the refresh token is %d bytes, over the sealing limit of %d "
                   "bytes; the grant cannot be kept and is revoked, the user must consent "
                   "again", operation, size, sealing.MAX_TOKEN_BYTES)
@@ -213,13 +223,17 @@ class GoogleOAuth:
             f"{sealing.MAX_TOKEN_BYTES} bytes; the grant could not be kept (it was "
             f"{'revoked' if revoked else 'not revoked'}): ask the user to consent again"))
 
-    def _unseal(self, sealed: str, client_id: str) -> str:
+    def _unseal(self, keyring: sealing.Keyring, sealed: str, client_id: str) -> str:
         try:
-            return sealing.unseal(self._sealing_key(), sealed, client_id)
-        except sealing.SealingError:
+            token, kid = sealing.unseal(keyring, sealed, client_id)
+        except sealing.SealingError as exc:
+            # SealingError messages name no key or token; a kid is not secret.
             raise InvalidSealedToken(
-                "sealed_refresh_token does not unseal under this enclave's key and client "
-                "(altered, or sealed elsewhere)") from None
+                f"sealed_refresh_token does not unseal under this enclave's keys and client: "
+                f"{exc}") from None
+        if kid != keyring.current_kid:
+            log.info("Opened a refresh token sealed under a previous key (%s)", kid)
+        return token
 
     # -- handlers ----------------------------------------------------------------------------
     def exchange(self, req) -> tuple[int, dict]:
@@ -236,26 +250,28 @@ class GoogleOAuth:
         client_id, client_secret = self._credentials()
         # Checked before Google is called: a refresh token that cannot be sealed would be lost
         # together with the (single-use) code.
-        key = self._sealing_key()
+        keyring = self._keyring()
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
                 "client_id": client_id, "client_secret": client_secret}
         if verifier is not None:
             form["code_verifier"] = verifier
         response = self._post("exchange", "google_token", self.token_url, form)
-        return self._token_answer("exchange", response, client_id, key)
+        return self._token_answer("exchange", response, client_id, keyring)
 
     def refresh(self, req) -> tuple[int, dict]:
-        """{"sealed_refresh_token"} -> a new access token (and a sealed one if Google rotates)."""
+        """{"sealed_refresh_token"} -> a new access token, and `sealed_refresh_token` when Google
+        rotated the refresh token or the one given was not sealed under the current key."""
         data = req.json()
         _only(data, ("sealed_refresh_token",))
         sealed = _field(data, "sealed_refresh_token", sealing.MAX_SEALED_CHARS)
         client_id, client_secret = self._credentials()
-        key = self._sealing_key()
-        refresh_token = self._unseal(sealed, client_id)
+        keyring = self._keyring()
+        refresh_token = self._unseal(keyring, sealed, client_id)
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token,
                 "client_id": client_id, "client_secret": client_secret}
         response = self._post("refresh", "google_token", self.token_url, form)
-        return self._token_answer("refresh", response, client_id, key)
+        reseal = refresh_token if sealing.needs_reseal(keyring, sealed) else None
+        return self._token_answer("refresh", response, client_id, keyring, reseal)
 
     def revoke(self, req) -> tuple[int, dict]:
         """{"sealed_refresh_token"} or {"token"} -> {"revoked": true[, "already_invalid": true]}."""
@@ -269,7 +285,7 @@ class GoogleOAuth:
             token = _field(data, "token", MAX_TOKEN_CHARS)
         else:
             sealed = _field(data, "sealed_refresh_token", sealing.MAX_SEALED_CHARS)
-            token = self._unseal(sealed, client_id)
+            token = self._unseal(self._keyring(), sealed, client_id)
         response = self._post("revoke", "google_revoke", self.revoke_url, {"token": token})
         if response.status == 200:
             self._count("revoke", "ok")

@@ -3,7 +3,8 @@
 `parse_delivery(data)` turns the bytes of one delivery into an unverified JSON object.
 `apply_update(current, unverified, now)` validates every key (all-or-nothing) and merges it into
 the current state: keys present replace, absent keys are kept, an explicit `null` clears a key,
-unknown keys reject the whole delivery. Files, TLS contexts and locks live around this module
+unknown keys reject the whole delivery. ENCLAVE_TOKEN_SEALING_KEY is held as a sealing.Keyring:
+a list states the whole keyring, one key rotates it (see `merge_sealing_key`). Files, TLS contexts and locks live around this module
 (enclave.secretstore); nothing here opens a file or a socket or reads the clock.
 
 Every failure is one subclass of SecretsError with a stable snake_case `code`. Messages name the
@@ -27,11 +28,13 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from . import sealing
 from .errors import EnclaveError
 
 MAX_DELIVERY_BYTES = 256 * 1024  # one delivery; a certificate bundle is a few KiB
 MIN_RPC_SECRET_BYTES = 32  # a delivered or configured RPC shared secret: at least 256 bits
-SEALING_KEY_BYTES = 32  # the token sealing key is an AES-256 key
+SEALING_KEY_BYTES = sealing.KEY_BYTES  # each token sealing key is an AES-256 key
+MAX_SEALING_KEYS = 1 + sealing.MAX_PREVIOUS_KEYS  # a list delivery: current + previous keys
 MAX_ENDPOINT_CHARS = 2048  # ECS_WATERMARK_ENDPOINT: a URL longer than this is a mistake
 MAX_HOSTNAME_CHARS = 253  # RFC 1035 2.3.4, in the ASCII (IDNA) form, without a trailing dot
 MAX_LABEL_CHARS = 63  # RFC 1035 2.3.4
@@ -182,11 +185,16 @@ class SecretsState:
 
 
 def initial_state(values: Mapping[str, object]) -> SecretsState:
-    """Version 0 from values already validated elsewhere (configuration, `validate_value`)."""
+    """Version 0 from values already validated elsewhere (configuration, `validate_value`); a
+    single sealing key becomes a keyring of that key."""
     unknown = set(values) - set(KNOWN_KEYS)
     if unknown:
         raise UnknownKey(f"unknown keys in initial values: {', '.join(sorted(unknown))}")
-    return SecretsState(values=MappingProxyType({k: v for k, v in values.items() if v is not None}))
+    values = {k: v for k, v in values.items() if v is not None}
+    if ENCLAVE_TOKEN_SEALING_KEY in values:
+        values[ENCLAVE_TOKEN_SEALING_KEY] = merge_sealing_key(
+            None, values[ENCLAVE_TOKEN_SEALING_KEY])
+    return SecretsState(values=MappingProxyType(values))
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -477,16 +485,57 @@ def _validate_rpc_secret(unverified) -> str:
     return value
 
 
-def _validate_sealing_key(unverified) -> bytes:
-    key = ENCLAVE_TOKEN_SEALING_KEY
-    value = _require_credential(key, unverified)
+def _decode_sealing_key(name: str, unverified) -> bytes:
+    value = _require_credential(name, unverified)
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidSecret(f"{key} must be base64") from None
+        raise InvalidSecret(f"{name} must be base64") from None
     if len(raw) != SEALING_KEY_BYTES:
-        raise InvalidSecret(f"{key} must decode to {SEALING_KEY_BYTES} bytes, got {len(raw)}")
+        raise InvalidSecret(f"{name} must decode to {SEALING_KEY_BYTES} bytes, got {len(raw)}")
     return raw
+
+
+def _validate_sealing_key(unverified) -> bytes | sealing.Keyring:
+    """A base64 string: one key (bytes), the new current key. A list of base64 strings: the
+    whole keyring (a sealing.Keyring), current first, then the previous keys newest first."""
+    key = ENCLAVE_TOKEN_SEALING_KEY
+    if not isinstance(unverified, list):
+        return _decode_sealing_key(key, unverified)
+    if not 1 <= len(unverified) <= MAX_SEALING_KEYS:
+        raise InvalidSecret(f"{key} as a list must hold 1..{MAX_SEALING_KEYS} keys (current "
+                            f"first), got {len(unverified)}")
+    keys: list[bytes] = []
+    for index, item in enumerate(unverified):
+        name = f"{key}[{index}]"
+        if not isinstance(item, str) or not item:
+            got = "an empty string" if item == "" else f"a JSON {_json_type(item)}"
+            raise InvalidType(f"{name} must be a non-empty base64 string, got {got}")
+        raw = _decode_sealing_key(name, item)
+        if raw in keys:
+            raise InvalidSecret(f"{name} is the same key as {key}[{keys.index(raw)}]; "
+                                "each key may appear once")
+        keys.append(raw)
+    return sealing.Keyring(keys[0], tuple(keys[1:]))
+
+
+def merge_sealing_key(keyring: sealing.Keyring | None,
+                      delivered: bytes | sealing.Keyring) -> sealing.Keyring:
+    """The keyring after a delivery of ENCLAVE_TOKEN_SEALING_KEY (validated, not null).
+
+    A list (a Keyring) states the whole keyring. One key becomes the current key and the key it
+    replaces becomes the newest previous key (the oldest beyond sealing.MAX_PREVIOUS_KEYS is
+    dropped), so tokens sealed under it keep opening; the current key again changes nothing, and
+    a previous key again becomes current (a rollback).
+    """
+    if isinstance(delivered, sealing.Keyring):
+        return delivered
+    if keyring is None:
+        return sealing.Keyring(delivered)
+    if delivered == keyring.current:
+        return keyring
+    previous = tuple(k for k in keyring.keys if k != delivered)
+    return sealing.Keyring(delivered, previous[:sealing.MAX_PREVIOUS_KEYS])
 
 
 def validate_value(key: str, unverified, now: datetime):
@@ -521,6 +570,8 @@ def apply_update(current: SecretsState, unverified: dict, now: datetime
     nothing returns a state with the same version (only `received` may flip to True).
     Rotating ENCLAVE_RPC_SHARED_SECRET records the previous secret and the time, for a grace
     period decided by the caller; clearing it (null) is a revocation and keeps no previous one.
+    ENCLAVE_TOKEN_SEALING_KEY merges into the keyring in force (`merge_sealing_key`); null
+    clears every sealing key.
     """
     if not isinstance(unverified, dict):
         raise NotAnObject(f"delivery must be one JSON object, got a JSON {_json_type(unverified)}")
@@ -534,6 +585,8 @@ def apply_update(current: SecretsState, unverified: dict, now: datetime
     for key, value in validated.items():
         if value is None:
             merged.pop(key, None)
+        elif key == ENCLAVE_TOKEN_SEALING_KEY:
+            merged[key] = merge_sealing_key(current.values.get(key), value)
         else:
             merged[key] = value
     changed = [k for k in KNOWN_KEYS if current.values.get(k) != merged.get(k)]

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import certstore, secrets, tls
+from . import certstore, sealing, secrets, tls
 from .metrics import Metrics
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
@@ -157,7 +157,9 @@ class SecretStore:
             return None
         return GoogleCredentials(client_id, client_secret)
 
-    def sealing_key(self) -> bytes | None:
+    def sealing_keyring(self) -> sealing.Keyring | None:
+        """The token sealing keys in force: a key a delivery replaced stays a previous key
+        until the process restarts (enclave.secrets.merge_sealing_key)."""
         return self._state.get(ENCLAVE_TOKEN_SEALING_KEY)
 
     def health(self) -> dict:
@@ -182,7 +184,7 @@ class SecretStore:
         """Which of `parts` (sealing_key, google_credentials, mtls; others are not the store's)
         are not usable now. mtls needs the certificates AND the endpoint."""
         usable = {
-            "sealing_key": self.sealing_key() is not None,
+            "sealing_key": self.sealing_keyring() is not None,
             "google_credentials": self.google_credentials() is not None,
             "mtls": self._mtls.configured and self._mtls.endpoint is not None,
         }
@@ -277,6 +279,10 @@ class SecretStore:
                          _iso(snapshot.not_after))
             else:
                 log.info("mTLS certificates cleared")
+        if ENCLAVE_TOKEN_SEALING_KEY in changed:
+            keyring = new_state.get(ENCLAVE_TOKEN_SEALING_KEY)  # key ids are not secret
+            log.info("Token sealing keys: %s", f"current {keyring.kids[0]}, previous "
+                     f"{', '.join(keyring.kids[1:]) or 'none'}" if keyring else "none (cleared)")
         return new_state, changed
 
     def _commit(self, state: SecretsState, snapshot: MtlsSnapshot) -> None:

@@ -146,7 +146,7 @@ def build_services(settings: Settings, metrics: Metrics):
         creds = store.google_credentials()
         return (creds.client_id, creds.client_secret) if creds else None
 
-    google = GoogleOAuth(google_credentials, store.sealing_key,
+    google = GoogleOAuth(google_credentials, store.sealing_keyring,
                          outbound, settings.google_token_url, settings.google_revoke_url, metrics)
     watermark = WatermarkService(store, attestation.identity, connector, metrics,
                                  path=settings.ecs_watermark_path)

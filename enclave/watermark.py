@@ -8,7 +8,7 @@ identity over {"intent": "watermark/v1", "timestamp_ms", "request_sha256", "resp
 (see enclave.identity for how the digests are computed).
 
 Errors are enclave.errors classes (each carries its status and code): MtlsNotConfigured and
-WatermarkEndpointNotConfigured 503; the upstream family from the outbound client as raised;
+WatermarkEndpointNotConfigured are 503 not_ready (missing: mtls); the upstream family from the outbound client as raised;
 a non-2xx answer is UpstreamError 502 with its status; an answer that is not strict JSON
 (outbound.parse_json) is UpstreamInvalidResponse 502. The metric outcome is the error code.
 """

@@ -75,7 +75,8 @@ class LocalStack:
         # Client/server/CA private keys are registered by TestCA as it issues them.
         self.running = start(self.settings)
         # Generated per boot when not configured (local/test): must never be logged either.
-        remember_secret(self.running.runtime.store.sealing_key(), kind="token sealing key")
+        keyring = self.running.runtime.store.sealing_keyring()
+        remember_secret(keyring.current, kind="token sealing key")
         self.port = self.running.http.port
         self.secrets_port = self.running.listener.address.port
 

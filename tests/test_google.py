@@ -20,9 +20,11 @@ from enclave.metrics import UPSTREAM_SECONDS as UPSTREAM_METRIC
 from enclave.metrics import Metrics
 from enclave.outbound import OutboundClient
 from enclave.request import Request
+from enclave.sealing import Keyring
 from enclave.server import json_bytes
 from tests.fakes.fake_google import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeGoogle
 from tests.fakes.pki import TestCA
+from tests.sealing_vectors import seal_v1
 from tests.support import remember_secret
 
 REDIRECT = "https://app.example/oauth/callback"
@@ -108,11 +110,12 @@ class GoogleTestCase(unittest.TestCase):
     def setUp(self):
         FAKE.set_mode("normal")
         self.addCleanup(FAKE.set_mode, "normal")
-        self.key = new_sealing_key()
+        self.keyring = Keyring(new_sealing_key())
         self.creds = (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
         self.metrics = Metrics()
-        self.google = GoogleOAuth(lambda: self.creds, lambda: self.key, CLIENT, FAKE.token_url,
-                                  FAKE.revoke_url, self.metrics, timeout_s=HANG_DEADLINE_S)
+        self.google = GoogleOAuth(lambda: self.creds, lambda: self.keyring, CLIENT,
+                                  FAKE.token_url, FAKE.revoke_url, self.metrics,
+                                  timeout_s=HANG_DEADLINE_S)
 
     def mint(self, **kwargs):
         code = FAKE.mint_code(kwargs.pop("redirect_uri", REDIRECT), **kwargs)
@@ -153,7 +156,7 @@ class ExchangeTest(GoogleTestCase):
                                        "id_token", "sealed_refresh_token"})
         self.assertEqual((answer["token_type"], answer["expires_in"]), ("Bearer", 3599))
         self.assertNotIn("refresh_token", answer)
-        raw = sealing.unseal(self.key, answer["sealed_refresh_token"], DEFAULT_CLIENT_ID)
+        raw = sealing.unseal(self.keyring, answer["sealed_refresh_token"], DEFAULT_CLIENT_ID)[0]
         self.assertIn(raw, FAKE.state.refresh_tokens)
         self.assertNotIn(raw, json.dumps(answer))
         self.assertEqual(self.metrics.value(OUTCOME_METRIC,
@@ -235,7 +238,7 @@ class ExchangeTest(GoogleTestCase):
                                           {"code": self.mint(), "redirect_uri": REDIRECT})
                 self.assertEqual(exc.body()["error"]["missing"], ["google_credentials"])
         self.creds = (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET)
-        self.key = None
+        self.keyring = None
         exc = self.assertApiError(503, "not_ready", self.google.exchange,
                                   {"code": self.mint(), "redirect_uri": REDIRECT})
         self.assertEqual(exc.body()["error"]["missing"], ["sealing_key"])
@@ -327,7 +330,8 @@ class OddAnswerTest(GoogleTestCase):
                 status, answer = self.call(self.google.exchange,
                                            {"code": self.mint(), "redirect_uri": REDIRECT})
                 self.assertEqual(status, 200)
-                raw = sealing.unseal(self.key, answer["sealed_refresh_token"], DEFAULT_CLIENT_ID)
+                raw, _ = sealing.unseal(self.keyring, answer["sealed_refresh_token"],
+                                        DEFAULT_CLIENT_ID)
                 self.assertEqual(len(raw), chars)
                 # and the sealed value is accepted back by refresh
                 status, _ = self.call(self.google.refresh,
@@ -351,7 +355,7 @@ class OddAnswerTest(GoogleTestCase):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        google = GoogleOAuth(lambda: self.creds, lambda: self.key, CLIENT,
+        google = GoogleOAuth(lambda: self.creds, lambda: self.keyring, CLIENT,
                              f"https://127.0.0.1:{port}/token", f"https://127.0.0.1:{port}/revoke",
                              self.metrics, timeout_s=HANG_DEADLINE_S)
         self.assertApiError(502, "upstream_unavailable", google.exchange,
@@ -371,13 +375,12 @@ class RefreshTest(GoogleTestCase):
         sealed = self.exchange_sealed()
         before = FAKE.state.token_requests
         with self.subTest("another key"):
-            self.key = new_sealing_key()
+            self.keyring = Keyring(new_sealing_key())
             self.assertApiError(400, "invalid_sealed_token", self.google.refresh,
                                 {"sealed_refresh_token": sealed})
-        raw_key = new_sealing_key()
-        self.key = raw_key
+        self.keyring = Keyring(new_sealing_key())
         remember_secret("1//0g-some-token", kind="google refresh token")
-        resealed = sealing.seal(raw_key, "1//0g-some-token", DEFAULT_CLIENT_ID)
+        resealed = sealing.seal(self.keyring, "1//0g-some-token", DEFAULT_CLIENT_ID)
         SECRET_VALUES.add(resealed)
         remember_secret(resealed, kind="sealed refresh token")
         for index in range(len(resealed)):
@@ -386,7 +389,7 @@ class RefreshTest(GoogleTestCase):
                 self.assertApiError(400, "invalid_sealed_token", self.google.refresh,
                                     {"sealed_refresh_token": changed})
         with self.subTest("sealed for another client"):
-            other = sealing.seal(raw_key, "1//0g-some-token", "other-client")
+            other = sealing.seal(self.keyring, "1//0g-some-token", "other-client")
             remember_secret(other, kind="sealed refresh token")
             self.assertApiError(400, "invalid_sealed_token", self.google.refresh,
                                 {"sealed_refresh_token": other})
@@ -425,10 +428,106 @@ class RefreshTest(GoogleTestCase):
                             {"sealed_refresh_token": "v1.a.b"})
 
 
+class KeyRotationTest(GoogleTestCase):
+    """Tokens sealed under a previous key (or in v1) keep working; refresh migrates them."""
+
+    def rotate(self, *previous: bytes) -> bytes:
+        """Make a new key current, keeping `previous` keys (newest first); returns the new key."""
+        key = new_sealing_key()
+        self.keyring = Keyring(key, previous)
+        return key
+
+    def assertSealedUnder(self, sealed: str, key: bytes) -> str:
+        """`sealed` is a v2 token under `key` alone; returns the raw refresh token."""
+        self.assertTrue(sealed.startswith(f"v2.{sealing.key_id(key)}."), "not under that key")
+        raw, kid = sealing.unseal(Keyring(key), sealed, DEFAULT_CLIENT_ID)
+        self.assertEqual(kid, sealing.key_id(key))
+        return raw
+
+    def test_refresh_reseals_a_token_under_a_previous_key(self):
+        old_key = self.keyring.current
+        sealed = self.exchange_sealed()
+        raw = sealing.unseal(self.keyring, sealed, DEFAULT_CLIENT_ID)[0]
+        new_key = self.rotate(old_key)
+        status, answer = self.call(self.google.refresh, {"sealed_refresh_token": sealed})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.assertSealedUnder(answer["sealed_refresh_token"], new_key), raw)
+        # The migrated token refreshes without another re-seal.
+        status, again = self.call(self.google.refresh,
+                                  {"sealed_refresh_token": answer["sealed_refresh_token"]})
+        self.assertEqual(status, 200)
+        self.assertNotIn("sealed_refresh_token", again)
+
+    def test_refresh_reseals_a_v1_token(self):
+        raw = sealing.unseal(self.keyring, self.exchange_sealed(), DEFAULT_CLIENT_ID)[0]
+        old_key = self.keyring.current
+        v1 = seal_v1(old_key, raw, DEFAULT_CLIENT_ID)
+        remember_secret(v1, kind="sealed refresh token")
+        for name, previous in (("v1 under the current key", None),
+                               ("v1 under a previous key", old_key)):
+            with self.subTest(name):
+                current = old_key if previous is None else self.rotate(previous)
+                status, answer = self.call(self.google.refresh, {"sealed_refresh_token": v1})
+                self.assertEqual(status, 200)
+                self.assertEqual(self.assertSealedUnder(answer["sealed_refresh_token"], current),
+                                 raw)
+
+    def test_a_token_google_rotated_is_sealed_under_the_current_key(self):
+        old_key = self.keyring.current
+        sealed = self.exchange_sealed()
+        raw = sealing.unseal(self.keyring, sealed, DEFAULT_CLIENT_ID)[0]
+        FAKE.state.rotate_refresh_tokens = True
+        self.addCleanup(setattr, FAKE.state, "rotate_refresh_tokens", False)
+        for name, rotate in (("same key", False), ("after a key rotation", True)):
+            with self.subTest(name):
+                current = self.rotate(old_key) if rotate else old_key
+                status, answer = self.call(self.google.refresh, {"sealed_refresh_token": sealed})
+                self.assertEqual(status, 200)
+                rotated = self.assertSealedUnder(answer["sealed_refresh_token"], current)
+                self.assertNotEqual(rotated, raw)
+                self.assertIn(rotated, FAKE.state.refresh_tokens)
+
+    def test_a_failed_refresh_answers_no_token(self):
+        old_key = self.keyring.current
+        sealed = self.exchange_sealed()
+        self.rotate(old_key)
+        FAKE.set_mode("error500")
+        error = self.assertApiError(502, "upstream_error", self.google.refresh,
+                                    {"sealed_refresh_token": sealed})
+        self.assertNotIn("sealed_refresh_token", json.dumps(error.body()))
+
+    def test_a_dropped_key_is_invalid_sealed_token(self):
+        sealed = self.exchange_sealed()
+        self.rotate()  # the old key is not kept
+        before = FAKE.state.token_requests
+        for handler in (self.google.refresh, self.google.revoke):
+            with self.subTest(handler.__name__):
+                error = self.assertApiError(400, "invalid_sealed_token", handler,
+                                            {"sealed_refresh_token": sealed})
+                self.assertIn("no longer holds", error.message)
+        self.assertEqual(FAKE.state.token_requests, before)  # Google never called
+
+    def test_revoke_accepts_any_held_key(self):
+        for name, make in (("v2 under a previous key", lambda key, raw: None),
+                           ("v1 under a previous key",
+                            lambda key, raw: seal_v1(key, raw, DEFAULT_CLIENT_ID))):
+            with self.subTest(name):
+                self.keyring = Keyring(new_sealing_key())
+                old_key = self.keyring.current
+                sealed = self.exchange_sealed()
+                raw = sealing.unseal(self.keyring, sealed, DEFAULT_CLIENT_ID)[0]
+                sealed = make(old_key, raw) or sealed
+                remember_secret(sealed, kind="sealed refresh token")
+                self.rotate(old_key)
+                status, answer = self.call(self.google.revoke, {"sealed_refresh_token": sealed})
+                self.assertEqual((status, answer), (200, {"revoked": True}))
+                self.assertTrue(FAKE.is_revoked(raw))
+
+
 class RevokeTest(GoogleTestCase):
     def test_revoke_sealed_then_already_invalid(self):
         sealed = self.exchange_sealed()
-        raw = sealing.unseal(self.key, sealed, DEFAULT_CLIENT_ID)
+        raw = sealing.unseal(self.keyring, sealed, DEFAULT_CLIENT_ID)[0]
         status, answer = self.call(self.google.revoke, {"sealed_refresh_token": sealed})
         self.assertEqual((status, answer), (200, {"revoked": True}))
         self.assertTrue(FAKE.is_revoked(raw))
@@ -454,7 +553,7 @@ class RevokeTest(GoogleTestCase):
             with self.subTest(name):
                 self.assertApiError(400, "invalid_request", self.google.revoke, body)
         with self.subTest("sealed under another key"):
-            self.key = new_sealing_key()
+            self.keyring = Keyring(new_sealing_key())
             self.assertApiError(400, "invalid_sealed_token", self.google.revoke,
                                 {"sealed_refresh_token": sealed})
         for mode, status, code in (("error500", 502, "upstream_error"),
@@ -504,7 +603,7 @@ class LogScanTest(GoogleTestCase):
         _collect_fake_secrets()
         self.assertTrue(any("canary-value-7f3a" in line for line in capture.lines))
         secrets = SECRET_VALUES | {code, verifier, sealed, answer["access_token"],
-                                   sealing.unseal(self.key, sealed, DEFAULT_CLIENT_ID)}
+                                   sealing.unseal(self.keyring, sealed, DEFAULT_CLIENT_ID)[0]}
         for value in secrets:
             for line in capture.lines:
                 self.assertNotIn(value, line)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import random
 import unittest
 
-from enclave import secrets
+from enclave import sealing, secrets
+from enclave.sealing import Keyring
 from enclave.secrets import SecretsState, apply_update, parse_delivery
 from tests.fakes.pki import TestCA
 from tests.support import remember_private_key, remember_secret
@@ -78,6 +80,8 @@ def secret_strings(payload: dict) -> list[str]:
         elif key in ("GOOGLE_OAUTH_CLIENT_SECRET", "ENCLAVE_RPC_SHARED_SECRET",
                      "ENCLAVE_TOKEN_SEALING_KEY") and isinstance(value, str) and len(value) >= 6:
             found.append(value)
+        elif key == "ENCLAVE_TOKEN_SEALING_KEY" and isinstance(value, list):  # the keyring form
+            found += [item for item in value if isinstance(item, str) and len(item) >= 6]
     return found
 
 
@@ -445,7 +449,7 @@ class ApplyUpdateMergeTest(unittest.TestCase):
     def test_values_are_canonical(self):
         state, _ = apply_update(SecretsState(), {"ENCLAVE_TOKEN_SEALING_KEY": SEALING_KEY_B64,
                                                  "ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET}, NOW)
-        self.assertEqual(state.get("ENCLAVE_TOKEN_SEALING_KEY"), bytes(range(32)))
+        self.assertEqual(state.get("ENCLAVE_TOKEN_SEALING_KEY"), Keyring(bytes(range(32))))
         self.assertEqual(state.get("ENCLAVE_RPC_SHARED_SECRET"), RPC_SECRET)
 
     def test_repr_never_shows_a_secret(self):
@@ -457,6 +461,129 @@ class ApplyUpdateMergeTest(unittest.TestCase):
         text = repr(state) + repr(state.mtls) + str(state)
         for secret in secret_strings(payload) + [OTHER_RPC_SECRET]:
             self.assertNotIn(secret, text)
+
+
+def sealing_keys(count: int, label: str = "test") -> list[bytes]:
+    """Distinct fixed sealing keys, registered with the leak scan."""
+    keys = [hashlib.sha256(f"{label} sealing key {i}".encode()).digest() for i in range(count)]
+    remember_secret(*keys, kind="token sealing key")
+    return keys
+
+
+def b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def respelled(text: str) -> str:
+    """Another base64 spelling of the same 32 bytes: the last character's two spare bits set."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    other = text[:42] + alphabet[alphabet.index(text[42]) ^ 1] + text[43:]
+    assert other != text and base64.b64decode(other) == base64.b64decode(text)
+    return other
+
+
+SEALING = "ENCLAVE_TOKEN_SEALING_KEY"
+
+
+class SealingKeyDeliveryTest(unittest.TestCase):
+    """ENCLAVE_TOKEN_SEALING_KEY: one base64 key rotates the keyring, a list states all of it."""
+
+    def setUp(self):
+        self.keys = sealing_keys(sealing.MAX_PREVIOUS_KEYS + 3)
+        self.a, self.b, self.c = self.keys[:3]
+
+    def deliver(self, state: SecretsState, value) -> tuple[SecretsState, list[str]]:
+        return apply_update(state, {SEALING: value}, NOW)
+
+    def test_one_key_becomes_current_and_keeps_the_replaced_one(self):
+        state = secrets.initial_state({SEALING: self.a})  # configuration gives one key
+        self.assertEqual(state.get(SEALING), Keyring(self.a))
+        state, changed = self.deliver(state, b64(self.b))
+        self.assertEqual(changed, [SEALING])
+        self.assertEqual(state.get(SEALING), Keyring(self.b, (self.a,)))
+        state, _ = self.deliver(state, b64(self.c))
+        self.assertEqual(state.get(SEALING), Keyring(self.c, (self.b, self.a)))
+        with self.subTest("the current key again changes nothing"):
+            again, changed = self.deliver(state, b64(self.c))
+            self.assertEqual((again.version, changed), (state.version, []))
+            self.assertIs(again.get(SEALING), state.get(SEALING))
+        with self.subTest("a previous key again becomes current (rollback)"):
+            back, _ = self.deliver(state, b64(self.a))
+            self.assertEqual(back.get(SEALING), Keyring(self.a, (self.c, self.b)))
+
+    def test_rotations_keep_at_most_max_previous_keys(self):
+        state = SecretsState()
+        for key in self.keys:
+            state, _ = self.deliver(state, b64(key))
+        keyring = state.get(SEALING)
+        self.assertEqual(keyring.current, self.keys[-1])
+        self.assertEqual(len(keyring.previous), sealing.MAX_PREVIOUS_KEYS)
+        # newest first; the oldest ones were dropped
+        self.assertEqual(keyring.previous,
+                         tuple(reversed(self.keys[-1 - sealing.MAX_PREVIOUS_KEYS:-1])))
+
+    def test_a_list_states_the_whole_keyring(self):
+        state, _ = self.deliver(SecretsState(), b64(self.a))
+        state, _ = self.deliver(state, b64(self.b))
+        cases = [
+            ("current and previous", [self.c, self.b], Keyring(self.c, (self.b,))),
+            ("one key alone drops every other", [self.c], Keyring(self.c)),
+            ("the longest list", self.keys[:secrets.MAX_SEALING_KEYS],
+             Keyring(self.keys[0], tuple(self.keys[1:secrets.MAX_SEALING_KEYS]))),
+        ]
+        for name, keys, expected in cases:
+            with self.subTest(name):
+                after, changed = self.deliver(state, [b64(k) for k in keys])
+                self.assertEqual((after.get(SEALING), changed), (expected, [SEALING]))
+        with self.subTest("the keyring in force again changes nothing"):
+            again, changed = self.deliver(state, [b64(self.b), b64(self.a)])
+            self.assertEqual((again.version, changed), (state.version, []))
+
+    def test_null_clears_every_key(self):
+        state, _ = self.deliver(SecretsState(), [b64(self.a), b64(self.b)])
+        cleared, changed = self.deliver(state, None)
+        self.assertEqual(changed, [SEALING])
+        self.assertIsNone(cleared.get(SEALING))
+        fresh, _ = self.deliver(cleared, b64(self.c))  # nothing kept from before the clear
+        self.assertEqual(fresh.get(SEALING), Keyring(self.c))
+
+    def test_refused_values(self):
+        good = [b64(k) for k in self.keys]
+        short = base64.b64encode(b"k" * 16).decode()
+        cases = [
+            ("a number", 5, "invalid_type", SEALING),
+            ("an object", {"current": good[0]}, "invalid_type", SEALING),
+            ("an empty list", [], "invalid_secret", SEALING),
+            ("too many keys", good[:secrets.MAX_SEALING_KEYS + 1], "invalid_secret", SEALING),
+            ("a duplicate", [good[0], good[1], good[0]], "invalid_secret", f"{SEALING}[2]"),
+            ("the same key spelled twice", [good[0], respelled(good[0])], "invalid_secret",
+             f"{SEALING}[1]"),
+            ("bad base64", [good[0], "not base64!!"], "invalid_secret", f"{SEALING}[1]"),
+            ("wrong size", [short, good[1]], "invalid_secret", f"{SEALING}[0]"),
+            ("a number in the list", [good[0], 7], "invalid_type", f"{SEALING}[1]"),
+            ("null in the list", [good[0], None], "invalid_type", f"{SEALING}[1]"),
+            ("an empty string in the list", [good[0], ""], "invalid_type", f"{SEALING}[1]"),
+            ("a nested list", [[good[0]]], "invalid_type", f"{SEALING}[0]"),
+            ("a control character", [good[0], good[1][:4] + "\x00" + good[1][4:]],
+             "invalid_secret", f"{SEALING}[1]"),
+        ]
+        current, _ = self.deliver(SecretsState(), good[0])
+        for name, value, code, named in cases:
+            with self.subTest(name):
+                with self.assertRaises(secrets.SecretsError) as ctx:
+                    self.deliver(current, value)
+                self.assertEqual(ctx.exception.code, code, ctx.exception.message)
+                self.assertIn(named, ctx.exception.message)
+                for secret in good + [short]:
+                    self.assertNotIn(secret, ctx.exception.message)
+                    self.assertNotIn(secret.rstrip("="), ctx.exception.message)
+
+    def test_repr_never_shows_a_key(self):
+        state, _ = self.deliver(SecretsState(), [b64(self.a), b64(self.b)])
+        text = repr(state) + str(state) + repr(state.get(SEALING))
+        for key in (self.a, self.b):
+            for form in (b64(key).rstrip("="), key.hex(), repr(key)):
+                self.assertNotIn(form, text)
 
 
 class RpcRotationTest(unittest.TestCase):

@@ -105,7 +105,8 @@ class ChannelTestCase(unittest.TestCase):
             patcher.start()
             self.addCleanup(patcher.stop)
         store = SecretStore(Settings(**settings_kwargs), self.metrics, **kwargs)
-        remember_secret(store.sealing_key(), kind="token sealing key")  # generated per boot
+        keyring = store.sealing_keyring()  # generated per boot outside strict environments
+        remember_secret(keyring.current if keyring else None, kind="token sealing key")
         return store
 
     def make_listener(self, store, allowed=("127.0.0.1",), **kwargs) -> SecretsListener:
@@ -486,7 +487,7 @@ class StoreTest(ChannelTestCase):
             "mtls": {"configured": False, "not_after": None}})
         self.assertFalse(store.ready())
         self.assertIsNone(store.google_credentials())
-        self.assertEqual(len(store.sealing_key()), 32)  # generated per boot outside strict envs
+        self.assertEqual(len(store.sealing_keyring().current), 32)  # generated per boot (not strict)
         issued = shared_ca().issue("enclave-client")
         payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(issued),
                    "GOOGLE_OAUTH_CLIENT_ID": "client-id",
@@ -503,7 +504,7 @@ class StoreTest(ChannelTestCase):
         creds = store.google_credentials()
         self.assertEqual((creds.client_id, creds.client_secret), ("client-id", "google-secret-value"))
         self.assertNotIn("google-secret-value", repr(creds))
-        self.assertEqual(store.sealing_key(), bytes(range(32)))
+        self.assertEqual(store.sealing_keyring().current, bytes(range(32)))
         text = self.metrics.render()
         self.assertIn('enclave_secrets_deliveries_total{result="accepted"} 1', text)
         self.assertIn("enclave_secrets_version 1", text)
@@ -514,7 +515,7 @@ class StoreTest(ChannelTestCase):
 
     def test_strict_environment_has_no_sealing_key_until_delivered(self):
         store = self.make_store(settings={"env": "production"})
-        self.assertIsNone(store.sealing_key())
+        self.assertIsNone(store.sealing_keyring())
 
     def test_mtls_from_the_environment(self):
         issued = shared_ca().issue("enclave-client")

@@ -44,7 +44,8 @@ class SenderTestCase(unittest.TestCase):
         self.tmp = Path(tmp.name)
         quiet_enclave_logs(self)
         self.store = SecretStore(Settings(certs_dir=self.tmp / "certs"), Metrics())
-        remember_secret(self.store.sealing_key(), kind="token sealing key")  # generated per boot
+        # Generated per boot: never logged either.
+        remember_secret(self.store.sealing_keyring().current, kind="token sealing key")
 
     def start_listener(self, address=LOOPBACK_ANY) -> SecretsListener:
         listener = SecretsListener(address, self.store, ("127.0.0.1",), idle_timeout_s=2,

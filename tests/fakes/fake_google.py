@@ -11,7 +11,8 @@ refresh_token grant, and the revoke endpoint (`token=`; 200, or 400 invalid_toke
 Error bodies are the ones Google sends (the ERR_* constants below).
 Modes: "normal", "hang" (no answer until the hang bound or stop()), "error500", and the odd
 answers of RAW_ANSWERS (a 100k-deep error body, a token answer with a lone surrogate, HTML, an
-answer over the client's size bound). `refresh_token_chars` pads issued refresh tokens to a length.
+answer over the client's size bound). `refresh_token_chars` pads issued refresh tokens to a length;
+`rotate_refresh_tokens` makes the refresh_token grant answer a new refresh token (Google may).
 
 Also a script for the local stack:
     python -m tests.fakes.fake_google --port P --cert F --key F --client-id ID --client-secret S
@@ -108,6 +109,7 @@ class _State:
     revoke_requests: int = 0
     grants: list[str] = field(default_factory=list)  # grant_type of each token request
     refresh_token_chars: int | None = None  # pad issued refresh tokens to this length
+    rotate_refresh_tokens: bool = False  # the refresh grant answers a new refresh token
 
 
 def _s256(verifier: str) -> str:
@@ -410,7 +412,11 @@ class FakeGoogle:
             return ERR_EXPIRED_OR_REVOKED
         if owner[0] != form["client_id"]:
             return 400, {"error": "unauthorized_client", "error_description": "Unauthorized"}
-        return 200, self._issue(owner[1], token, include_refresh=False)
+        if self.state.rotate_refresh_tokens:
+            token = "1//0g" + secrets.token_urlsafe(48)
+            remember_secret(token, kind="google refresh token")
+            self.state.refresh_tokens[token] = owner
+        return 200, self._issue(owner[1], token, include_refresh=self.state.rotate_refresh_tokens)
 
     def _revoke(self, form: dict[str, str]):
         token = form.get("token")
