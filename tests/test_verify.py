@@ -179,6 +179,72 @@ class TestRealDocuments(unittest.TestCase):
         self.assertEqual(ctx.exception.step, 2)
 
 
+class TestPcrAllowLists(unittest.TestCase):
+    """expected_pcrs maps an index to one value or to an allow-list (a rollout's old and new
+    images); each pinned index must equal one of its values."""
+
+    def verify(self, expected_pcrs):
+        return verify_document(load(PROD), roots=aws_roots(), at_ms=AT_DOCUMENT_TIME,
+                               expected_pcrs=expected_pcrs)
+
+    def test_old_or_new_value_accepted(self):
+        real = {i: bytes.fromhex(h) for i, h in PROD_PCRS.items()}
+        other = bytes([1]) * 48
+        cases = {
+            "real value first": {0: [real[0], other]},
+            "real value last": {0: (other, bytes(48), real[0])},
+            "a set": {0: {other, real[0]}},
+            "a frozenset and a plain value": {0: frozenset({real[0]}), 1: real[1]},
+            "every pinned index has its list": {i: [other, v] for i, v in real.items()},
+            "a bytearray": {0: [bytearray(real[0])]},
+        }
+        for name, expected in cases.items():
+            with self.subTest(name):
+                self.assertEqual(self.verify(expected).pcrs[0], real[0])
+
+    def test_neither_value_refused(self):
+        old, new = bytes([1]) * 48, bytes([2]) * 48
+        with self.assertRaises(VerificationError) as ctx:
+            self.verify({0: [old, new]})
+        self.assertEqual(ctx.exception.step, 6)
+        self.assertIn(f"PCR0: expected one of 2 values [{old.hex()}, {new.hex()}], "
+                      f"got {PROD_PCRS[0]}", ctx.exception.message)
+
+    def test_one_index_matching_is_not_enough(self):
+        real0 = bytes.fromhex(PROD_PCRS[0])
+        with self.assertRaises(VerificationError) as ctx:
+            self.verify({0: [real0], 1: [bytes(48), bytes([1]) * 48]})
+        self.assertEqual(ctx.exception.step, 6)
+        self.assertIn("PCR1: expected one of 2 values", ctx.exception.message)
+
+    def test_absent_index_refused(self):
+        with self.assertRaises(VerificationError) as ctx:
+            self.verify({20: [bytes(48), bytes([1]) * 48]})
+        self.assertEqual(ctx.exception.step, 6)
+        self.assertIn("got absent", ctx.exception.message)
+
+    def test_empty_allow_list_fails_closed(self):
+        for empty in ([], (), set(), frozenset()):
+            with self.subTest(type(empty).__name__):
+                with self.assertRaises(VerificationError) as ctx:
+                    self.verify({0: empty})
+                self.assertEqual(ctx.exception.step, 6)
+                self.assertIn("allow-list is empty", ctx.exception.message)
+
+    def test_values_must_be_bytes(self):
+        for bad in ("ab" * 48, ["ab" * 48], [None]):
+            with self.subTest(bad=bad):
+                with self.assertRaises(VerificationError) as ctx:
+                    self.verify({0: bad})
+                self.assertEqual(ctx.exception.step, 6)
+                self.assertIn("unexpected TypeError", ctx.exception.message)
+
+    def test_no_pins(self):
+        for none in (None, {}):
+            with self.subTest(none=none):
+                self.assertFalse(self.verify(none).debug)
+
+
 def _rebuild(doc: bytes, *, protected=None, payload=None, signature=None, tag=None,
              mutate=None) -> bytes:
     prot, unprot, body, sig = cbor2.loads(doc)
