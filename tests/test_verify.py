@@ -669,6 +669,137 @@ class TestCmdVerify(DevShimCase):
         code, summary, err = self.run_cli(doc, "--at-document-time", "--pcr", f"0={pcr0.upper()}")
         self.assertEqual(code, 0, err)
 
+    # -- PCR allow-lists: --pcr repeated, --pcrs FILE ------------------------------------
+    def pcr_case(self, *argv):
+        doc = self.write("pcr-case.hex", load(PROD).hex())
+        return self.run_cli(doc, "--at-document-time", *argv)
+
+    def test_repeated_pcr_adds_to_the_allow_list(self):
+        other = "ab" * 48
+        for order in ((other, PROD_PCRS[0]), (PROD_PCRS[0], other)):
+            with self.subTest(order=order):
+                code, summary, err = self.pcr_case(*[f"--pcr=0={v}" for v in order])
+                self.assertEqual(code, 0, err or summary)
+        code, summary, _ = self.pcr_case("--pcr", f"0={other}", "--pcr", f"0={'cd' * 48}")
+        self.assertEqual((code, summary["step"]), (1, 6))
+        self.assertIn(f"PCR0: expected one of 2 values [{other}, {'cd' * 48}], got "
+                      f"{PROD_PCRS[0]}", summary["error"])
+        # A repeated identical value is one value, not two.
+        code, summary, _ = self.pcr_case("--pcr", f"0={other}", "--pcr", f"0={other.upper()}")
+        self.assertEqual((code, summary["step"]), (1, 6))
+        self.assertIn(f"PCR0: expected {other}, got", summary["error"])
+
+    def build_output(self, pcrs: dict) -> dict:
+        """The shape `nitro-cli build-enclave` prints."""
+        return {"Measurements": {"HashAlgorithm": "Sha384 { ... }",
+                                 **{f"PCR{i}": v for i, v in pcrs.items()}}}
+
+    def test_pcrs_file_in_each_shape(self):
+        real = {i: PROD_PCRS[i] for i in (0, 1, 2)}
+        old = {i: f"{i:02x}" * 48 for i in (0, 1, 2)}
+        bare = {f"PCR{i}": v for i, v in real.items()}
+        accepted = {
+            "build output": self.build_output(real),
+            "bare map": bare,
+            "bare map with HashAlgorithm": {"HashAlgorithm": "Sha384 { ... }", **bare},
+            "list: old and new build": [self.build_output(old), self.build_output(real)],
+            "list: new build first": [self.build_output(real), self.build_output(old)],
+            "list of mixed shapes": [{f"PCR{i}": v for i, v in old.items()},
+                                     self.build_output(real)],
+            "upper-case hex": {"PCR0": real[0].upper()},
+            "one index only": [{"PCR4": PROD_PCRS[4]}],
+        }
+        for name, content in accepted.items():
+            with self.subTest(name):
+                path = self.write("pcrs.json", json.dumps(content))
+                code, summary, err = self.pcr_case("--pcrs", path)
+                self.assertEqual(code, 0, err or summary)
+        refused = {
+            "build output of another image": self.build_output(old),
+            "list without the running image": [self.build_output(old),
+                                               self.build_output({0: "ee" * 48})],
+            "right PCR0, wrong PCR1": {"PCR0": real[0], "PCR1": old[1]},
+        }
+        for name, content in refused.items():
+            with self.subTest(name):
+                path = self.write("pcrs.json", json.dumps(content))
+                code, summary, _ = self.pcr_case("--pcrs", path)
+                self.assertEqual((code, summary["step"]), (1, 6), summary)
+
+    def test_pcrs_file_mixed_with_pcr_and_other_files(self):
+        old = self.write("old.json", json.dumps(self.build_output({0: "aa" * 48})))
+        new = self.write("new.json", json.dumps(self.build_output({0: PROD_PCRS[0]})))
+        cases = [
+            (["--pcrs", old, "--pcr", f"0={PROD_PCRS[0]}"], 0),
+            (["--pcr", f"0={PROD_PCRS[0]}", "--pcrs", old], 0),
+            (["--pcrs", old, "--pcrs", new], 0),
+            (["--pcrs", new, "--pcr", f"1={'aa' * 48}"], 1),  # the file does not lift PCR1
+            (["--pcrs", old, "--pcr", f"0={'bb' * 48}"], 1),
+        ]
+        for argv, expected in cases:
+            with self.subTest(argv=argv):
+                code, summary, err = self.pcr_case(*argv)
+                self.assertEqual(code, expected, err or summary)
+                if expected:
+                    self.assertEqual(summary["step"], 6)
+
+    def test_malformed_pcr_values_exit_2(self):
+        good = PROD_PCRS[0]
+        files = {
+            "bad hex": ({"PCR0": "zz" * 48}, "hex digits"),
+            "95 hex digits": ({"PCR0": good[:-1]}, "got 95"),
+            "98 hex digits": (self.build_output({0: good + "00"}), "got 98"),
+            "empty value": ({"PCR0": ""}, "got 0"),
+            "a number": ({"PCR0": 7}, "hex digits"),
+            "a list of values": ({"PCR0": [good]}, "hex digits"),
+            "unknown key": ({"PCR0": good, "PCRX": good}, "unknown key 'PCRX'"),
+            "lower-case key": ({"pcr0": good}, "unknown key 'pcr0'"),
+            "index 32": ({"PCR32": good}, "unknown key 'PCR32'"),
+            "leading zero": ({"PCR00": good}, "unknown key 'PCR00'"),
+            "key beside Measurements": ({**self.build_output({0: good}), "EifVersion": 4},
+                                        "unknown key 'EifVersion'"),
+            "Measurements not an object": ({"Measurements": [good]}, "expected a JSON object"),
+            "another hash": ({"HashAlgorithm": "Sha256 { ... }", "PCR0": good}, "Sha384"),
+            "no PCRs": ({"HashAlgorithm": "Sha384 { ... }"}, "no PCR values"),
+            "empty object": ({}, "no PCR values"),
+            "empty list": ([], "empty"),
+            "a list holding a number": ([{"PCR0": good}, 3], "[1]: expected a JSON object"),
+            "a JSON string": (json.dumps(good), "expected a JSON object or list"),
+            "not JSON": ("PCR0=" + good, "not a JSON PCR file"),
+            "JSON then garbage": ('{"PCR0": "%s"} x' % good, "not a JSON PCR file"),
+            "duplicate key": ('{"PCR0": "%s", "PCR0": "%s"}' % ("aa" * 48, good), "duplicate"),
+            "NaN": ('{"PCR0": NaN}', "not a JSON PCR file"),
+            "not UTF-8": (b"\xff\xfe{}", "not a JSON PCR file"),
+        }
+        for name, (content, text) in files.items():
+            with self.subTest(name):
+                if isinstance(content, (dict, list)):
+                    content = json.dumps(content)
+                path = self.write("bad-pcrs.json", content)
+                code, summary, err = self.pcr_case("--pcrs", path, "--pcr", f"0={good}")
+                self.assertEqual(code, 2, summary)
+                self.assertIsNone(summary)
+                self.assertTrue(err.startswith(f"verify: --pcrs {path}"), err)
+                self.assertIn(text, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+        arguments = {
+            "bad hex": (f"0={'zz' * 48}", "96 hex digits"),
+            "wrong length": (f"0={good[:-2]}", "got 94 hex digits"),
+            "no index": (good, "N=HEX"),
+            "empty": ("0=", "N=HEX"),
+        }
+        for name, (value, text) in arguments.items():
+            with self.subTest(f"--pcr {name}"):
+                code, summary, err = self.pcr_case("--pcr", f"0={good}", "--pcr", value)
+                self.assertEqual((code, summary), (2, None))
+                self.assertIn(text, err)
+        code, _, err = self.pcr_case("--pcrs", str(Path(self.state_dir) / "absent.json"))
+        self.assertEqual(code, 2)
+        self.assertIn("cannot read --pcrs", err)
+        code, _, err = self.run_cli("-", "--pcrs", "-", stdin=b"{}")
+        self.assertEqual(code, 2)
+        self.assertIn("standard input", err)
+
     def test_argparse_rejects_at_with_at_document_time(self):
         with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as ctx:
             self.run_cli("x", "--at", "1", "--at-document-time")
