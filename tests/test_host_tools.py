@@ -145,6 +145,25 @@ class MissingPackageTest(unittest.TestCase):
         self.assertIn("Traceback", proc.stderr)  # a bug in the package: shown, not disguised
 
 
+class HostToolsReadmeTest(unittest.TestCase):
+    def test_the_message_points_at_a_readme_section_that_says_what_to_install(self):
+        readme = (REPO / "README.md").read_text(encoding="utf-8")
+        section = readme.split("\n## Host tools\n", 1)[1].split("\n## ", 1)[0]
+        self.assertIn("requirements.txt", section)
+        for package in cli.REQUIRED_PACKAGES:
+            self.assertIn(f"`{package}`", section)
+
+    def test_every_script_variable_is_documented(self):
+        readme = (REPO / "README.md").read_text(encoding="utf-8")
+        for script in ("send-secrets.sh", "expose-enclave.sh"):
+            text = (REPO / "scripts" / script).read_text(encoding="utf-8")
+            names = set(re.findall(r"\$\{((?:SEND_SECRETS|EXPOSE)_[A-Z_]+):-", text))
+            self.assertTrue(names or script != "send-secrets.sh", script)
+            for name in sorted(names):
+                with self.subTest(script=script, variable=name):
+                    self.assertIn(f"`{name}`", readme)
+
+
 class ForwarderPidFileTest(unittest.TestCase):
     """expose-enclave.sh writes its pid file to /tmp/enclave-forwarder-PORT.pid whatever
     XDG_RUNTIME_DIR is, as docs/ENCLAVE.md says. The real runs use a fake `socat` (a sleeping
