@@ -2,16 +2,19 @@
 and seal-secrets on hosts (enclave.host).
 
 Exit codes are part of the contract: 0 success, 1 rejected or failed check, 2 usage or
-configuration error.
+configuration error. A missing (or broken) `cryptography` or `cbor2` is one line and exit 2,
+not a traceback: host tools often run on a parent or a laptop without the enclave's image.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from types import SimpleNamespace
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+REQUIRED_PACKAGES = ("cryptography", "cbor2")  # requirements.txt; the rest is the stdlib
 
 # command name -> (module, one line for the command list). The module exposes HELP (the
 # command's own description), add_arguments(parser) and run(args) -> int. Modules are imported
@@ -27,7 +30,36 @@ COMMANDS = {
 }
 
 
+def missing_package(exc: ImportError) -> str | None:
+    """The required package an ImportError is about: not installed (`exc.name`), or installed
+    but failing to import (raised from inside it). None for any other ImportError."""
+    top = (exc.name or "").partition(".")[0]
+    if top in REQUIRED_PACKAGES:
+        return top
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    innermost = next((f for f in reversed(frames) if not f.startswith("<")), "")
+    parts = os.path.normpath(innermost).split(os.sep)
+    return next((name for name in REQUIRED_PACKAGES if name in parts), None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ImportError as exc:
+        package = missing_package(exc)
+        if package is None:
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"enclave: missing Python package {package!r} ({reason}): "
+              f"pip install -r requirements.txt (see README \"Host tools\")", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in ([], ["serve"]):
         # The enclave's own start: nothing to parse, and argparse costs ~8 ms of start-up.

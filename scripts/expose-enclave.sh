@@ -8,7 +8,8 @@
 #
 #   1. the CID: --cid, or the one RUNNING enclave in `nitro-cli describe-enclaves`
 #   2. socat TCP-LISTEN:<listen-port>,fork,reuseaddr,bind=<bind> VSOCK-CONNECT:<cid>:<port>,
-#      in the background, its pid written to --pid-file; it is started FIRST so that the API is
+#      in the background, its pid written to --pid-file (default
+#      /tmp/enclave-forwarder-<listen-port>.pid); it is started FIRST so that the API is
 #      reachable as soon as the enclave serves (the runtime waits for its first secrets before
 #      it starts HTTP, see DESIGN.md section 2)
 #   3. scripts/send-secrets.sh --cid CID --port <secrets-port> SECRETS_FILE (it retries)
@@ -25,6 +26,9 @@ readonly PROG="${0##*/}"
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 readonly FORWARDER_SETTLE_S=0.5  # socat fails within this when it cannot bind its port
+# The documented pid file lives here whatever XDG_RUNTIME_DIR says: that variable differs
+# between a login shell, sudo and a systemd unit, and the stop command must find the file.
+readonly PID_DIR=/tmp
 
 usage_line() {
   echo "usage: $PROG [--cid CID] [--port PORT] [--listen-port PORT] [--bind ADDR]" \
@@ -42,6 +46,7 @@ deliver SECRETS_FILE, then wait for /healthz?ready=1.
   --bind ADDR          the address to listen on (default 127.0.0.1)
   --secrets-port PORT  the enclave's secrets vsock port (default 7777)
   --pid-file FILE      where the forwarder's pid goes
+                       (default /tmp/enclave-forwarder-<listen-port>.pid)
   --replace            restart a forwarder that is already running
   --dry-run            print the commands in order and run nothing
   -h, --help           show this help and exit
@@ -80,7 +85,7 @@ if [ -n "$cid" ]; then
   # 0-2 are the hypervisor, local and host; an enclave's CID is at least 4.
   [ "$cid" -ge 4 ] || { echo "$PROG: --cid $cid is not an enclave CID (expected >= 4)" >&2; exit 2; }
 fi
-pid_file="${pid_file:-${XDG_RUNTIME_DIR:-/tmp}/enclave-forwarder-${listen_port}.pid}"
+pid_file="${pid_file:-${PID_DIR}/enclave-forwarder-${listen_port}.pid}"
 base_url="http://127.0.0.1:${listen_port}"
 [ "$bind" = "127.0.0.1" ] || [ "$bind" = "0.0.0.0" ] || base_url="http://${bind}:${listen_port}"
 ready_timeout="${EXPOSE_READY_TIMEOUT:-30}"
@@ -138,7 +143,13 @@ fi
 forwarder=(socat "TCP-LISTEN:${listen_port},fork,reuseaddr,bind=${bind}" "VSOCK-CONNECT:${cid}:${port}")
 sender=("$SCRIPT_DIR/send-secrets.sh" --cid "$cid" --port "$secrets_port" "$file")
 
-# 1. the forwarder, first
+# 1. the forwarder, first. The pid file is in a shared directory: never follow a link planted
+# there, never trust (or kill) a pid from a file someone else wrote.
+if [ -L "$pid_file" ] || { [ -e "$pid_file" ] && [ ! -O "$pid_file" ]; }; then
+  echo "$PROG: $pid_file is a symbolic link or not owned by this user; remove it or pass" \
+       "--pid-file" >&2
+  exit 1
+fi
 if [ -s "$pid_file" ]; then
   old_pid="$(cat "$pid_file")"
   if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
@@ -153,15 +164,19 @@ if [ -s "$pid_file" ]; then
   fi
   rm -f "$pid_file"
 fi
+pid_tmp="$(mktemp "${pid_file}.XXXXXX")"  # written whole, then renamed into place
 show "${forwarder[@]}" >&2
 nohup "${forwarder[@]}" </dev/null >/dev/null 2>&1 &
 forwarder_pid=$!
 sleep "$FORWARDER_SETTLE_S"
 if ! kill -0 "$forwarder_pid" 2>/dev/null; then
+  rm -f "$pid_tmp"
   echo "$PROG: the forwarder exited at once (port $listen_port in use?)" >&2
   exit 1
 fi
-printf '%s\n' "$forwarder_pid" >"$pid_file"
+printf '%s\n' "$forwarder_pid" >"$pid_tmp"
+chmod 644 "$pid_tmp"
+mv -f "$pid_tmp" "$pid_file"
 echo "$PROG: forwarder pid $forwarder_pid: $bind:$listen_port -> vsock $cid:$port (pid file $pid_file)" >&2
 
 # 2. the secrets (send-secrets.sh retries; it prints the listener's ack)

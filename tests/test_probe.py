@@ -10,6 +10,7 @@ The runtimes are dev-shim, so the probe gets --allow-insecure-dev unless a test 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 from enclave.app import Runtime
 from enclave.attestation import AttestationService, build_attestation
@@ -273,6 +275,68 @@ class ProbeTest(unittest.TestCase):
         with running_server(router, authenticator=auth) as server:
             code, output = self.probe(server.port, "--pcr", "0=" + "ab" * 48)
         self.assertFailed(code, output, "document verifies", "step 6")
+
+    # -- PCR allow-lists: old or new image during a rollout ----------------------------------
+    def pcrs_file(self, content) -> str:
+        handle = tempfile.NamedTemporaryFile("w", suffix=".json", dir=self.state_dir,
+                                             delete=False)
+        self.addCleanup(os.unlink, handle.name)
+        with handle:
+            handle.write(content if isinstance(content, str) else json.dumps(content))
+        return handle.name
+
+    def test_pcr_allow_lists(self):
+        router, auth, service = self.runtime()
+        real = service.document(mock.Mock())[1]["pcrs"]["0"]
+        old, older = "ab" * 48, "cd" * 48
+
+        def build(pcr0):  # the shape `nitro-cli build-enclave` prints
+            return {"Measurements": {"HashAlgorithm": "Sha384 { ... }", "PCR0": pcr0}}
+
+        old_build = self.pcrs_file(build(old))
+        cases = [
+            ("repeated --pcr: old, then the running image", ["--pcr", f"0={old}", "--pcr",
+                                                             f"0={real}"], 0),
+            ("repeated --pcr: the running image, then old", ["--pcr", f"0={real}", "--pcr",
+                                                             f"0={old}"], 0),
+            ("--pcrs list of old and new builds",
+             ["--pcrs", self.pcrs_file([build(old), build(real)])], 0),
+            ("--pcrs bare map", ["--pcrs", self.pcrs_file({"PCR0": real})], 0),
+            ("--pcrs old build plus --pcr new", ["--pcrs", old_build, "--pcr", f"0={real}"], 0),
+            ("neither of two --pcr", ["--pcr", f"0={old}", "--pcr", f"0={older}"],
+             "step 6 (PCRs): PCR0: expected one of 2 values"),
+            ("--pcrs of another image only", ["--pcrs", old_build],
+             f"step 6 (PCRs): PCR0: expected {old}, got {real}"),
+        ]
+        with running_server(router, authenticator=auth) as server:
+            for name, argv, expected in cases:
+                with self.subTest(name):
+                    code, output = self.probe(server.port, *argv)
+                    if expected == 0:
+                        self.assertEqual(code, 0, output)
+                    else:
+                        self.assertFailed(code, output, "document verifies", expected)
+                        self.assertFailed(code, output, "challenge verifies", expected)
+                        self.assertIn("ok   healthz", output)  # only the pin fails
+
+    def test_malformed_pcr_values_exit_2(self):
+        good = "ab" * 48
+        cases = {
+            "bad hex": ["--pcrs", self.pcrs_file({"PCR0": "zz" * 48})],
+            "wrong length": ["--pcrs", self.pcrs_file({"Measurements": {"PCR0": good[:-1]}})],
+            "unknown key": ["--pcrs", self.pcrs_file({"PCR0": good, "PCR_0": good})],
+            "non-JSON": ["--pcrs", self.pcrs_file("PCR0=" + good)],
+            "empty list": ["--pcrs", self.pcrs_file([])],
+            "--pcr bad hex": ["--pcr", f"0={'zz' * 48}"],
+            "--pcr wrong length": ["--pcr", f"0={good}0"],
+            "one bad --pcr among good ones": ["--pcr", f"0={good}", "--pcr", "1=00"],
+        }
+        for name, argv in cases.items():
+            with self.subTest(name):
+                code, output = self.probe_bare("http://127.0.0.1:1", *argv)
+                self.assertEqual(code, 2, output)
+                self.assertTrue(output.startswith("probe: --pcr"), output)
+                self.assertEqual(len(output.strip().splitlines()), 1, output)
 
     def test_wrong_secret(self):
         router, auth, _ = self.runtime()

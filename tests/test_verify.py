@@ -179,6 +179,72 @@ class TestRealDocuments(unittest.TestCase):
         self.assertEqual(ctx.exception.step, 2)
 
 
+class TestPcrAllowLists(unittest.TestCase):
+    """expected_pcrs maps an index to one value or to an allow-list (a rollout's old and new
+    images); each pinned index must equal one of its values."""
+
+    def verify(self, expected_pcrs):
+        return verify_document(load(PROD), roots=aws_roots(), at_ms=AT_DOCUMENT_TIME,
+                               expected_pcrs=expected_pcrs)
+
+    def test_old_or_new_value_accepted(self):
+        real = {i: bytes.fromhex(h) for i, h in PROD_PCRS.items()}
+        other = bytes([1]) * 48
+        cases = {
+            "real value first": {0: [real[0], other]},
+            "real value last": {0: (other, bytes(48), real[0])},
+            "a set": {0: {other, real[0]}},
+            "a frozenset and a plain value": {0: frozenset({real[0]}), 1: real[1]},
+            "every pinned index has its list": {i: [other, v] for i, v in real.items()},
+            "a bytearray": {0: [bytearray(real[0])]},
+        }
+        for name, expected in cases.items():
+            with self.subTest(name):
+                self.assertEqual(self.verify(expected).pcrs[0], real[0])
+
+    def test_neither_value_refused(self):
+        old, new = bytes([1]) * 48, bytes([2]) * 48
+        with self.assertRaises(VerificationError) as ctx:
+            self.verify({0: [old, new]})
+        self.assertEqual(ctx.exception.step, 6)
+        self.assertIn(f"PCR0: expected one of 2 values [{old.hex()}, {new.hex()}], "
+                      f"got {PROD_PCRS[0]}", ctx.exception.message)
+
+    def test_one_index_matching_is_not_enough(self):
+        real0 = bytes.fromhex(PROD_PCRS[0])
+        with self.assertRaises(VerificationError) as ctx:
+            self.verify({0: [real0], 1: [bytes(48), bytes([1]) * 48]})
+        self.assertEqual(ctx.exception.step, 6)
+        self.assertIn("PCR1: expected one of 2 values", ctx.exception.message)
+
+    def test_absent_index_refused(self):
+        with self.assertRaises(VerificationError) as ctx:
+            self.verify({20: [bytes(48), bytes([1]) * 48]})
+        self.assertEqual(ctx.exception.step, 6)
+        self.assertIn("got absent", ctx.exception.message)
+
+    def test_empty_allow_list_fails_closed(self):
+        for empty in ([], (), set(), frozenset()):
+            with self.subTest(type(empty).__name__):
+                with self.assertRaises(VerificationError) as ctx:
+                    self.verify({0: empty})
+                self.assertEqual(ctx.exception.step, 6)
+                self.assertIn("allow-list is empty", ctx.exception.message)
+
+    def test_values_must_be_bytes(self):
+        for bad in ("ab" * 48, ["ab" * 48], [None]):
+            with self.subTest(bad=bad):
+                with self.assertRaises(VerificationError) as ctx:
+                    self.verify({0: bad})
+                self.assertEqual(ctx.exception.step, 6)
+                self.assertIn("unexpected TypeError", ctx.exception.message)
+
+    def test_no_pins(self):
+        for none in (None, {}):
+            with self.subTest(none=none):
+                self.assertFalse(self.verify(none).debug)
+
+
 def _rebuild(doc: bytes, *, protected=None, payload=None, signature=None, tag=None,
              mutate=None) -> bytes:
     prot, unprot, body, sig = cbor2.loads(doc)
@@ -602,6 +668,137 @@ class TestCmdVerify(DevShimCase):
                 self.assertIn(text, shown)
         code, summary, err = self.run_cli(doc, "--at-document-time", "--pcr", f"0={pcr0.upper()}")
         self.assertEqual(code, 0, err)
+
+    # -- PCR allow-lists: --pcr repeated, --pcrs FILE ------------------------------------
+    def pcr_case(self, *argv):
+        doc = self.write("pcr-case.hex", load(PROD).hex())
+        return self.run_cli(doc, "--at-document-time", *argv)
+
+    def test_repeated_pcr_adds_to_the_allow_list(self):
+        other = "ab" * 48
+        for order in ((other, PROD_PCRS[0]), (PROD_PCRS[0], other)):
+            with self.subTest(order=order):
+                code, summary, err = self.pcr_case(*[f"--pcr=0={v}" for v in order])
+                self.assertEqual(code, 0, err or summary)
+        code, summary, _ = self.pcr_case("--pcr", f"0={other}", "--pcr", f"0={'cd' * 48}")
+        self.assertEqual((code, summary["step"]), (1, 6))
+        self.assertIn(f"PCR0: expected one of 2 values [{other}, {'cd' * 48}], got "
+                      f"{PROD_PCRS[0]}", summary["error"])
+        # A repeated identical value is one value, not two.
+        code, summary, _ = self.pcr_case("--pcr", f"0={other}", "--pcr", f"0={other.upper()}")
+        self.assertEqual((code, summary["step"]), (1, 6))
+        self.assertIn(f"PCR0: expected {other}, got", summary["error"])
+
+    def build_output(self, pcrs: dict) -> dict:
+        """The shape `nitro-cli build-enclave` prints."""
+        return {"Measurements": {"HashAlgorithm": "Sha384 { ... }",
+                                 **{f"PCR{i}": v for i, v in pcrs.items()}}}
+
+    def test_pcrs_file_in_each_shape(self):
+        real = {i: PROD_PCRS[i] for i in (0, 1, 2)}
+        old = {i: f"{i:02x}" * 48 for i in (0, 1, 2)}
+        bare = {f"PCR{i}": v for i, v in real.items()}
+        accepted = {
+            "build output": self.build_output(real),
+            "bare map": bare,
+            "bare map with HashAlgorithm": {"HashAlgorithm": "Sha384 { ... }", **bare},
+            "list: old and new build": [self.build_output(old), self.build_output(real)],
+            "list: new build first": [self.build_output(real), self.build_output(old)],
+            "list of mixed shapes": [{f"PCR{i}": v for i, v in old.items()},
+                                     self.build_output(real)],
+            "upper-case hex": {"PCR0": real[0].upper()},
+            "one index only": [{"PCR4": PROD_PCRS[4]}],
+        }
+        for name, content in accepted.items():
+            with self.subTest(name):
+                path = self.write("pcrs.json", json.dumps(content))
+                code, summary, err = self.pcr_case("--pcrs", path)
+                self.assertEqual(code, 0, err or summary)
+        refused = {
+            "build output of another image": self.build_output(old),
+            "list without the running image": [self.build_output(old),
+                                               self.build_output({0: "ee" * 48})],
+            "right PCR0, wrong PCR1": {"PCR0": real[0], "PCR1": old[1]},
+        }
+        for name, content in refused.items():
+            with self.subTest(name):
+                path = self.write("pcrs.json", json.dumps(content))
+                code, summary, _ = self.pcr_case("--pcrs", path)
+                self.assertEqual((code, summary["step"]), (1, 6), summary)
+
+    def test_pcrs_file_mixed_with_pcr_and_other_files(self):
+        old = self.write("old.json", json.dumps(self.build_output({0: "aa" * 48})))
+        new = self.write("new.json", json.dumps(self.build_output({0: PROD_PCRS[0]})))
+        cases = [
+            (["--pcrs", old, "--pcr", f"0={PROD_PCRS[0]}"], 0),
+            (["--pcr", f"0={PROD_PCRS[0]}", "--pcrs", old], 0),
+            (["--pcrs", old, "--pcrs", new], 0),
+            (["--pcrs", new, "--pcr", f"1={'aa' * 48}"], 1),  # the file does not lift PCR1
+            (["--pcrs", old, "--pcr", f"0={'bb' * 48}"], 1),
+        ]
+        for argv, expected in cases:
+            with self.subTest(argv=argv):
+                code, summary, err = self.pcr_case(*argv)
+                self.assertEqual(code, expected, err or summary)
+                if expected:
+                    self.assertEqual(summary["step"], 6)
+
+    def test_malformed_pcr_values_exit_2(self):
+        good = PROD_PCRS[0]
+        files = {
+            "bad hex": ({"PCR0": "zz" * 48}, "hex digits"),
+            "95 hex digits": ({"PCR0": good[:-1]}, "got 95"),
+            "98 hex digits": (self.build_output({0: good + "00"}), "got 98"),
+            "empty value": ({"PCR0": ""}, "got 0"),
+            "a number": ({"PCR0": 7}, "hex digits"),
+            "a list of values": ({"PCR0": [good]}, "hex digits"),
+            "unknown key": ({"PCR0": good, "PCRX": good}, "unknown key 'PCRX'"),
+            "lower-case key": ({"pcr0": good}, "unknown key 'pcr0'"),
+            "index 32": ({"PCR32": good}, "unknown key 'PCR32'"),
+            "leading zero": ({"PCR00": good}, "unknown key 'PCR00'"),
+            "key beside Measurements": ({**self.build_output({0: good}), "EifVersion": 4},
+                                        "unknown key 'EifVersion'"),
+            "Measurements not an object": ({"Measurements": [good]}, "expected a JSON object"),
+            "another hash": ({"HashAlgorithm": "Sha256 { ... }", "PCR0": good}, "Sha384"),
+            "no PCRs": ({"HashAlgorithm": "Sha384 { ... }"}, "no PCR values"),
+            "empty object": ({}, "no PCR values"),
+            "empty list": ([], "empty"),
+            "a list holding a number": ([{"PCR0": good}, 3], "[1]: expected a JSON object"),
+            "a JSON string": (json.dumps(good), "expected a JSON object or list"),
+            "not JSON": ("PCR0=" + good, "not a JSON PCR file"),
+            "JSON then garbage": ('{"PCR0": "%s"} x' % good, "not a JSON PCR file"),
+            "duplicate key": ('{"PCR0": "%s", "PCR0": "%s"}' % ("aa" * 48, good), "duplicate"),
+            "NaN": ('{"PCR0": NaN}', "not a JSON PCR file"),
+            "not UTF-8": (b"\xff\xfe{}", "not a JSON PCR file"),
+        }
+        for name, (content, text) in files.items():
+            with self.subTest(name):
+                if isinstance(content, (dict, list)):
+                    content = json.dumps(content)
+                path = self.write("bad-pcrs.json", content)
+                code, summary, err = self.pcr_case("--pcrs", path, "--pcr", f"0={good}")
+                self.assertEqual(code, 2, summary)
+                self.assertIsNone(summary)
+                self.assertTrue(err.startswith(f"verify: --pcrs {path}"), err)
+                self.assertIn(text, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+        arguments = {
+            "bad hex": (f"0={'zz' * 48}", "96 hex digits"),
+            "wrong length": (f"0={good[:-2]}", "got 94 hex digits"),
+            "no index": (good, "N=HEX"),
+            "empty": ("0=", "N=HEX"),
+        }
+        for name, (value, text) in arguments.items():
+            with self.subTest(f"--pcr {name}"):
+                code, summary, err = self.pcr_case("--pcr", f"0={good}", "--pcr", value)
+                self.assertEqual((code, summary), (2, None))
+                self.assertIn(text, err)
+        code, _, err = self.pcr_case("--pcrs", str(Path(self.state_dir) / "absent.json"))
+        self.assertEqual(code, 2)
+        self.assertIn("cannot read --pcrs", err)
+        code, _, err = self.run_cli("-", "--pcrs", "-", stdin=b"{}")
+        self.assertEqual(code, 2)
+        self.assertIn("standard input", err)
 
     def test_argparse_rejects_at_with_at_document_time(self):
         with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as ctx:

@@ -42,7 +42,8 @@ from urllib.parse import urlsplit
 
 from .. import nitro, tls
 from ..rpcauth import new_nonce, sign_request
-from .args import UsageError, is_insecure_root, parse_pcrs, resolve_secret, trusted_roots
+from .args import UsageError, resolve_secret
+from .trust import add_pcr_arguments, is_insecure_root, pcr_allow_lists, trusted_roots
 
 HELP = "fail-closed start-up probe of a running runtime"
 
@@ -94,8 +95,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--state-dir", metavar="DIR", default=None,
                         help="where the dev root lives, with --allow-insecure-dev (default "
                              "$ENCLAVE_STATE_DIR or .local)")
-    parser.add_argument("--pcr", action="append", default=[], metavar="N=HEX",
-                        help="expected PCR value (repeatable), checked on every document")
+    add_pcr_arguments(parser, checked="; checked on every document")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                         help=f"per-request timeout (default {DEFAULT_TIMEOUT_S:g})")
 
@@ -131,7 +131,8 @@ def _b64_field(obj: dict, name: str, what: str) -> bytes:
 
 class Probe:
     def __init__(self, base_url: str, *, timeout: float, secret: str | None, strict: bool,
-                 roots: list[bytes], dev_root_note: str, expected_pcrs: dict[int, bytes],
+                 roots: list[bytes], dev_root_note: str,
+                 expected_pcrs: dict[int, tuple[bytes, ...]],
                  clock=time.time):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -433,7 +434,7 @@ def build(args, environ=None) -> Probe:
                                 state_dir=args.state_dir, environ=environ, strict=strict)
     return Probe(args.base_url, timeout=args.timeout, secret=resolve_secret(args, environ),
                  strict=strict, roots=roots, dev_root_note=note,
-                 expected_pcrs=parse_pcrs(args.pcr))
+                 expected_pcrs=pcr_allow_lists(args.pcr, args.pcrs))
 
 
 def run(args) -> int:

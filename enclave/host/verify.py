@@ -12,7 +12,8 @@ import sys
 import time
 
 from .. import nitro
-from .args import UsageError, parse_pcrs, read_bounded, trusted_roots
+from .args import UsageError, read_bounded
+from .trust import add_pcr_arguments, is_insecure_root, pcr_allow_lists, trusted_roots
 
 HELP = "verify an attestation document offline and print a JSON summary"
 MAX_INPUT_BYTES = 1024 * 1024  # a document is < 16 KiB; a watermark answer may approach 1 MiB
@@ -33,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--state-dir (or given with --root)")
     parser.add_argument("--state-dir", metavar="DIR", default=None,
                         help="where the dev root lives (default $ENCLAVE_STATE_DIR or .local)")
-    parser.add_argument("--pcr", action="append", default=[], metavar="N=HEX",
-                        help="expected PCR value (repeatable)")
+    add_pcr_arguments(parser)
     parser.add_argument("--nonce", metavar="HEX", help="expected nonce (hex)")
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--at", type=int, metavar="MS",
@@ -103,7 +103,9 @@ def run(args) -> int:
     try:
         roots, _ = trusted_roots(args.root, allow_insecure_dev=args.allow_insecure_dev,
                                  state_dir=args.state_dir)
-        expected_pcrs = parse_pcrs(args.pcr)
+        if args.input == "-" and "-" in args.pcrs:
+            raise UsageError("INPUT and --pcrs cannot both be standard input")
+        expected_pcrs = pcr_allow_lists(args.pcr, args.pcrs)
         nonce = _hex_arg("--nonce", args.nonce)
         document, json_evidence = _parse_input(_read(args.input))
         evidence = json_evidence
@@ -148,7 +150,7 @@ def run(args) -> int:
             expected_pcrs=expected_pcrs or None, expected_nonce=nonce, max_age_ms=max_age_ms,
             evidence=evidence)
         summary = {"verified": True, **verified.summary()}
-        summary["insecure"] = verified.root_der != nitro.nitro_root_der()
+        summary["insecure"] = is_insecure_root(verified.root_der)  # a dev-shim (INSECURE) root
         if json_evidence is not None and evidence is None:
             summary["evidence"] = "present but not checked (give --nonce)"
         if response is not None:

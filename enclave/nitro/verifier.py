@@ -22,6 +22,7 @@ import importlib.resources
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -352,7 +353,7 @@ class Verifier:
         return cls([nitro_root_der()])
 
     def verify(self, data: bytes, *, at_ms, allow_debug: bool = False,
-               expected_pcrs: dict[int, bytes] | None = None,
+               expected_pcrs: Mapping[int, bytes | Collection[bytes]] | None = None,
                expected_nonce: bytes | None = None, max_age_ms: int | None = None,
                evidence: bytes | None = None) -> VerifiedDocument:
         """Verify a Nitro attestation document; return it verified or raise VerificationError.
@@ -360,7 +361,10 @@ class Verifier:
         at_ms: the verification time in Unix milliseconds (required; certificates must be valid
             then), or AT_DOCUMENT_TIME to use the document's own timestamp (old test vectors).
         allow_debug: accept debug enclaves (PCR0 all zero).
-        expected_pcrs: {index: bytes} that must match exactly.
+        expected_pcrs: {index: bytes} that must match exactly, or {index: collection of
+            bytes}, an allow-list (old and new image during a rollout): each pinned index must
+            equal one of its values. An empty allow-list raises (fails closed); None or {} pins
+            nothing.
         expected_nonce: the nonce must be in the document, or (with `evidence`) in the evidence.
         max_age_ms: reject documents (and evidence) older than this at `at_ms`.
         evidence: a challenge evidence COSE_Sign1 to check under the document's public_key.
@@ -457,11 +461,14 @@ def _verify(step, cache, data, roots, at_ms, allow_debug, expected_pcrs, expecte
     if debug and not allow_debug:
         raise VerificationError(6, "debug enclave (PCR0 is all zero or missing) rejected; "
                                    "accept it with --allow-debug (allow_debug=True)")
-    for index, want in sorted((expected_pcrs or {}).items()):
+    for index, allowed in sorted(_allow_lists(expected_pcrs).items()):
         got = pcrs.get(index)
-        if got is None or not hmac.compare_digest(got, want):
-            raise VerificationError(6, f"PCR{index}: expected {_hex(want)}, got "
-                                       f"{_hex(got) if got is not None else 'absent'}")
+        if got is None or not _one_of(got, allowed):
+            shown = _hex(got) if got is not None else "absent"
+            if len(allowed) == 1:
+                raise VerificationError(6, f"PCR{index}: expected {_hex(allowed[0])}, got {shown}")
+            raise VerificationError(6, f"PCR{index}: expected one of {len(allowed)} values "
+                                       f"[{', '.join(_hex(a) for a in allowed)}], got {shown}")
 
     # (7) Nonce equality and maximum age.
     step.current = 7
@@ -491,6 +498,34 @@ def _verify(step, cache, data, roots, at_ms, allow_debug, expected_pcrs, expecte
         cabundle=tuple(cabundle), public_key=fields["public_key"],
         user_data=fields["user_data"], nonce=nonce, root_der=root_der, at_ms=at, debug=debug,
         nonce_bound_by=nonce_bound_by, evidence=claims)
+
+
+def _allow_lists(expected_pcrs) -> dict[int, tuple]:
+    """{index: bytes} or {index: collection of bytes} as {index: tuple of bytes}.
+
+    An index with an empty allow-list fails closed: it would otherwise pin nothing.
+    """
+    out = {}
+    for index, allowed in (expected_pcrs or {}).items():
+        if isinstance(allowed, (bytes, bytearray, memoryview)):
+            allowed = (bytes(allowed),)
+        elif isinstance(allowed, str):  # iterable, but never a PCR value
+            raise TypeError(f"PCR{index}: expected bytes or a collection of bytes, got str")
+        else:
+            allowed = tuple(allowed)
+        if not allowed:
+            raise VerificationError(6, f"PCR{index}: the allow-list is empty: it would accept "
+                                       "no document, expected at least one value")
+        out[index] = allowed
+    return out
+
+
+def _one_of(got: bytes, allowed: tuple) -> bool:
+    """Whether `got` equals one of `allowed`; every value is compared in constant time."""
+    matched = False
+    for want in allowed:
+        matched |= hmac.compare_digest(got, want)
+    return matched
 
 
 def _check_payload(payload) -> dict:
