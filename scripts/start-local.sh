@@ -263,25 +263,7 @@ wait_listening() {  # name port: bounded wait until a child accepts TCP connecti
   done
 }
 
-# 1. dev PKI (kept across runs while valid) and the secrets to deliver
-"$REPO/scripts/gen-dev-certs.sh" --endpoint "https://127.0.0.1:$watermark_port" "$PKI" \
-  >"$LOGS/pki.log" 2>&1 || { cat "$LOGS/pki.log" >&2; die "scripts/gen-dev-certs.sh failed"; }
-"$py" - "$PKI/secrets.json" "$SECRETS_FILE" "$FAKE_CLIENT_ID" "$FAKE_CLIENT_SECRET" <<'PY'
-import json, os, sys
-source, target, client_id, client_secret = sys.argv[1:]
-with open(source) as fh:
-    payload = json.load(fh)  # MTLS_CLIENT_CERT_JSON and ECS_WATERMARK_ENDPOINT
-payload["GOOGLE_OAUTH_CLIENT_ID"] = client_id
-payload["GOOGLE_OAUTH_CLIENT_SECRET"] = client_secret
-tmp = target + ".tmp"
-fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-with os.fdopen(fd, "w") as fh:
-    json.dump(payload, fh, indent=2, sort_keys=True)
-    fh.write("\n")
-os.replace(tmp, target)
-PY
-
-# 2. the runtime's environment (dev-shim; secrets come through the listener, not the
+# 1. the runtime's environment (dev-shim; secrets come through the listener, not the
 # environment), and whether this runtime knows ENCLAVE_SECRETS_SOURCE: its check-config refuses
 # a value it does not know only if it knows the variable
 runtime_env=(
@@ -312,6 +294,24 @@ if [ "$secrets_source" = kms ]; then
       "deliveries: start the plaintext flow with --secrets channel (make run SECRETS=channel)"
   fi
 fi
+
+# 2. dev PKI (kept across runs while valid) and the secrets to deliver
+"$REPO/scripts/gen-dev-certs.sh" --endpoint "https://127.0.0.1:$watermark_port" "$PKI" \
+  >"$LOGS/pki.log" 2>&1 || { cat "$LOGS/pki.log" >&2; die "scripts/gen-dev-certs.sh failed"; }
+"$py" - "$PKI/secrets.json" "$SECRETS_FILE" "$FAKE_CLIENT_ID" "$FAKE_CLIENT_SECRET" <<'PY'
+import json, os, sys
+source, target, client_id, client_secret = sys.argv[1:]
+with open(source) as fh:
+    payload = json.load(fh)  # MTLS_CLIENT_CERT_JSON and ECS_WATERMARK_ENDPOINT
+payload["GOOGLE_OAUTH_CLIENT_ID"] = client_id
+payload["GOOGLE_OAUTH_CLIENT_SECRET"] = client_secret
+tmp = target + ".tmp"
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+with os.fdopen(fd, "w") as fh:
+    json.dump(payload, fh, indent=2, sort_keys=True)
+    fh.write("\n")
+os.replace(tmp, target)
+PY
 
 # 3. the fakes
 "$py" -m tests.fakes.fake_google --port "$google_port" --cert "$PKI/server.crt" \
