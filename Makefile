@@ -28,8 +28,11 @@ tools:
 test: $(STAMP) $(TEST_STAMP) tools
 	$(PY) -m tests.run
 
+# SECRETS=kms (default): sealed under the fake KMS, opened with a dev-shim recipient document
+# (the production path except the NSM); SECRETS=channel: the plaintext delivery.
+SECRETS ?= kms
 run: $(STAMP) tools
-	scripts/start-local.sh
+	scripts/start-local.sh --secrets $(SECRETS)
 
 zipapp:
 	$(PYTHON) scripts/build_zipapp.py dist/enclave.pyz

@@ -2,7 +2,7 @@
 
 Bounded (about 2-3 minutes on 2 cores). Prints a table and writes bench/results.json.
 Usage: python -m bench.run [ROW ...]   (rows: healthz startup memory zipapp rpcauth challenge
-verifier secrets token watermark)
+verifier secrets kms token watermark)
 """
 
 from __future__ import annotations
@@ -241,6 +241,7 @@ ROWS = {
     "challenge": _optional("bench.bench_attestation", "challenge_rows"),
     "verifier": _optional("bench.bench_attestation", "verifier_rows"),
     "secrets": _optional("bench.bench_secrets"),
+    "kms": _optional("bench.bench_kms"),
     "watermark": _optional("bench.bench_watermark"),
     "token": _optional("bench.bench_google"),
     "startup": bench_startup,

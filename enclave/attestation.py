@@ -1,8 +1,10 @@
 """Attestation sources (nsm, static, dev-shim), the start-up factory and the HTTP handlers.
 
 Every source answers raw COSE_Sign1 bytes in the AWS Nitro format whose `public_key` is the
-signing identity's DER public key. The dev-shim source is INSECURE by design: it says so in its
-root certificate, its logs and /healthz.
+signing identity's DER public key. The nsm and dev-shim sources also mint recipient documents
+whose `public_key` is a key the caller gives (the one-shot RSA key of a KMS Decrypt, DESIGN
+section 15); a static document cannot. The dev-shim source is INSECURE by design: it says so in
+its root certificate, its logs and /healthz.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cbor2
+from cryptography.hazmat.primitives import serialization
 
 from . import devpki
 from .config import ConfigError
@@ -43,6 +46,9 @@ DEV_LEAF_RENEW_BEFORE = dt.timedelta(hours=1)  # minted documents stay verifiabl
 CBOR_MAP_MAJOR = 0xA0  # CBOR major type 5 (map) with a count below 24 in the low bits
 NSM_DEVICE = "/dev/nsm"  # TEE_ATTESTATION_DOCUMENT_PATH value that selects the NSM source
 MAX_STATIC_DOCUMENT_FILE_BYTES = 64 * 1024  # base64 of a 16 KiB document, with room to spare
+# A recipient document's public_key: the NSM takes at most 1 KiB (nsm.NSM_USER_FIELD_MAX_BYTES,
+# the verifier's MAX_USER_FIELD_BYTES); an RSA-2048 DER SubjectPublicKeyInfo is 294 bytes.
+RECIPIENT_PUBLIC_KEY_MAX_BYTES = 1024
 # The challenge answer, as server.json_bytes would encode it. Every %s is a standard base64 string
 # (A-Z a-z 0-9 + / =: nothing JSON escapes) except nonce_bound_document, which is json.dumps(bool).
 _CHALLENGE_JSON = (b'{"nonce":"%s","document":"%s","nonce_bound_document":%s,'
@@ -99,11 +105,21 @@ class AttestationSource(abc.ABC):
 
     name: str = ""
     nonce_bound: bool = False  # documents carry the caller's nonce and user_data
+    binds_recipient: bool = False  # recipient_document() can bind a caller's public key
     insecure: bool = False
 
     @abc.abstractmethod
     def document(self, nonce: bytes | None = None, user_data: bytes | None = None) -> bytes:
         """Raw COSE_Sign1 bytes; raises AttestationError."""
+
+    def recipient_document(self, public_key_der: bytes) -> bytes:
+        """A fresh document whose public_key is `public_key_der` (a DER SubjectPublicKeyInfo,
+        checked by check_recipient_key) instead of the signing identity's, with no nonce and no
+        user_data; raises AttestationError."""
+        raise AttestationError(
+            f"the {self.name} attestation source cannot bind a recipient public key; "
+            "ENCLAVE_SECRETS_SOURCE=kms needs TEE_ATTESTATION_DOCUMENT_PATH=/dev/nsm (or "
+            "ENCLAVE_RUNTIME_MODE=dev-shim locally)")
 
     def ready(self) -> bool:
         return True
@@ -112,10 +128,27 @@ class AttestationSource(abc.ABC):
         pass
 
 
+def check_recipient_key(public_key_der) -> bytes:
+    """`public_key_der` as bytes if it is a DER SubjectPublicKeyInfo the NSM can carry, else
+    AttestationError (a document never binds something that is not a public key)."""
+    if not isinstance(public_key_der, (bytes, bytearray)):
+        raise AttestationError(f"recipient public_key must be bytes, got "
+                               f"{type(public_key_der).__name__}")
+    if not 1 <= len(public_key_der) <= RECIPIENT_PUBLIC_KEY_MAX_BYTES:
+        raise AttestationError(f"recipient public_key is {len(public_key_der)} bytes, expected "
+                               f"1..{RECIPIENT_PUBLIC_KEY_MAX_BYTES} (the NSM's limit)")
+    public_key_der = bytes(public_key_der)
+    try:
+        serialization.load_der_public_key(public_key_der)
+    except (ValueError, TypeError):
+        raise AttestationError("recipient public_key is not a DER SubjectPublicKeyInfo") from None
+    return public_key_der
+
+
 class NsmSource(AttestationSource):
     """Fresh, nonce-bound documents from the Nitro Secure Module."""
 
-    name, nonce_bound, insecure = "nsm", True, False
+    name, nonce_bound, binds_recipient, insecure = "nsm", True, True, False
 
     def __init__(self, identity: SigningIdentity, device):
         self._identity = identity
@@ -126,6 +159,14 @@ class NsmSource(AttestationSource):
         try:
             return self._device.attestation(user_data=user_data, nonce=nonce,
                                             public_key=self._identity.public_key_der)
+        except NsmError as exc:
+            raise AttestationError(str(exc)) from None
+
+    def recipient_document(self, public_key_der: bytes) -> bytes:
+        from .nsm import NsmError
+        public_key_der = check_recipient_key(public_key_der)
+        try:
+            return self._device.attestation(user_data=None, nonce=None, public_key=public_key_der)
         except NsmError as exc:
             raise AttestationError(str(exc)) from None
 
@@ -193,7 +234,7 @@ class StaticSource(AttestationSource):
 class DevShimSource(AttestationSource):
     """INSECURE local documents of the exact Nitro shape, signed by a dev leaf (ES384)."""
 
-    name, nonce_bound, insecure = "dev-shim", True, True
+    name, nonce_bound, binds_recipient, insecure = "dev-shim", True, True, True
 
     def __init__(self, identity: SigningIdentity, root: devpki.Issued, *, clock=time.time,
                  module_id: str | None = None):
@@ -207,6 +248,7 @@ class DevShimSource(AttestationSource):
         self._head = map_header + b"".join(cbor2.dumps(x) for x in (
             "module_id", self.module_id, "digest", "SHA384", "timestamp"))
         self._nonce_key = cbor2.dumps("nonce")
+        self._identity_key = cbor2.dumps(self._identity.public_key_der) + cbor2.dumps("user_data")
         self._lock = threading.Lock()
         self._signer, self._middle = self._issue_leaf()
 
@@ -219,14 +261,15 @@ class DevShimSource(AttestationSource):
 
     def _issue_leaf(self) -> tuple[cose.Signer, bytes]:
         """A new leaf's signer (ES384) and the payload fields that only change with it,
-        pre-encoded."""
+        pre-encoded, up to and including the "public_key" key (its value is added per
+        document)."""
         leaf = devpki.issue_leaf(self._root, self._now(), label=self.module_id)
         logger.warning("INSECURE dev-shim attestation leaf issued for %s, valid until %s",
                        self.module_id, leaf.cert.not_valid_after_utc.isoformat())
         self._renew_at = (leaf.cert.not_valid_after_utc - DEV_LEAF_RENEW_BEFORE).timestamp()
         middle = b"".join(cbor2.dumps(x) for x in (
             "pcrs", self._pcrs, "certificate", leaf.cert_der, "cabundle", [self._root.cert_der],
-            "public_key", self._identity.public_key_der, "user_data"))
+            "public_key"))
         return cose.Signer(leaf.key), middle
 
     def _current_signer(self) -> tuple[cose.Signer, bytes]:
@@ -240,11 +283,21 @@ class DevShimSource(AttestationSource):
             if value is not None and len(value) > verifier.MAX_USER_FIELD_BYTES:
                 raise AttestationError(f"{name} is {len(value)} bytes, limit "
                                        f"{verifier.MAX_USER_FIELD_BYTES}")
+        return self._mint(self._identity_key, nonce, user_data)
+
+    def recipient_document(self, public_key_der: bytes) -> bytes:
+        public_key_der = check_recipient_key(public_key_der)
+        return self._mint(cbor2.dumps(public_key_der) + cbor2.dumps("user_data"), None, None)
+
+    def _mint(self, key_and_user_data_key: bytes, nonce, user_data) -> bytes:
+        """Sign a payload whose public_key value (followed by the "user_data" key) is given
+        pre-encoded: the signing identity's for documents, a caller's for recipient ones."""
         signer, middle = self._current_signer()
         # The CBOR map of the Nitro payload, in the NSM's field order, from pre-encoded parts:
         # equal to cbor2.dumps({"module_id": ..., "digest": ..., ..., "nonce": nonce}).
         payload = b"".join((self._head, cbor2.dumps(int(self._clock() * 1000)), middle,
-                            cbor2.dumps(user_data), self._nonce_key, cbor2.dumps(nonce)))
+                            key_and_user_data_key, cbor2.dumps(user_data), self._nonce_key,
+                            cbor2.dumps(nonce)))
         return signer.sign1(payload)
 
 
@@ -263,6 +316,18 @@ class Attestation:
     @property
     def insecure(self) -> bool:
         return self.source.insecure
+
+    @property
+    def binds_recipient(self) -> bool:
+        """Whether recipient_document() can work (nsm, dev-shim): what the kms secrets source
+        needs, to check at start-up."""
+        return self.source.binds_recipient
+
+    def recipient_document(self, public_key_der: bytes) -> bytes:
+        """A fresh document binding `public_key_der` (DER SPKI, at most 1 KiB) as its
+        public_key: the `attest` callback of kms.unwrap_data_key. Raises AttestationError
+        (from a static source always)."""
+        return self.source.recipient_document(public_key_der)
 
     def close(self) -> None:
         self.source.close()

@@ -1,11 +1,15 @@
 """The one-command local stack end to end: start-local.sh, smoke.sh and probe against it, stop.
 
 The stack runs from this repository with a temporary state directory and free ports, so it can
-never collide with a developer's own stack (.local, 8181/7777/9443/9444). Every wait is bounded.
+never collide with a developer's own stack (.local, 8181/7777/9443/9444/9445). Every wait is
+bounded. `--secrets channel` delivers plaintext; the default `--secrets kms` seals the secrets
+under the fake KMS and needs a runtime that knows ENCLAVE_SECRETS_SOURCE (detected with
+check-config: its test is skipped, with the reason, until the runtime has it).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,7 +32,10 @@ VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 READY_TIMEOUT_S = 45  # start-up is ~2 s here; generous for a loaded CI machine
 STEP_TIMEOUT_S = 60  # smoke.sh, probe
 STOP_TIMEOUT_S = 20  # the runtime drains for at most 5 s
+CHECK_CONFIG_TIMEOUT_S = 60
 CHILDREN = ("runtime", "fake-google", "fake-watermark")
+KMS_CHILDREN = CHILDREN + ("fake-kms",)
+ALL_CHILDREN = KMS_CHILDREN
 
 
 def _missing_tools() -> list[str]:
@@ -51,6 +58,26 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+@functools.lru_cache(maxsize=1)
+def runtime_knows_secrets_source() -> bool:
+    """Whether `enclave.py check-config` knows ENCLAVE_SECRETS_SOURCE: it refuses a value it
+    does not know (exit 2, naming the variable) only if it reads the variable at all."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ENCLAVE_", "TEE_", "ALFRED_", "GOOGLE_", "MTLS_", "ECS_"))}
+    http, secrets = _free_ports(2)
+    with tempfile.TemporaryDirectory() as state:
+        env.update(ALFRED_ENV="local", ENCLAVE_STATE_DIR=state,
+                   ENCLAVE_CERTS_DIR=str(Path(state) / "certs"),
+                   ENCLAVE_HTTP_LISTEN=f"tcp:127.0.0.1:{http}",
+                   ENCLAVE_RUNTIME_BASE_URL=f"http://127.0.0.1:{http}",
+                   ENCLAVE_SECRETS_LISTEN=f"tcp:127.0.0.1:{secrets}",
+                   ENCLAVE_SECRETS_SOURCE="not-a-source")
+        result = subprocess.run([sys.executable, "enclave.py", "check-config"], cwd=REPO,
+                                env=env, capture_output=True, text=True,
+                                timeout=CHECK_CONFIG_TIMEOUT_S)
+    return result.returncode == 2 and "ENCLAVE_SECRETS_SOURCE" in result.stdout + result.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -71,22 +98,23 @@ class LocalStackTest(unittest.TestCase):
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
         self.state = Path(self.tmp.name) / "state"
-        runtime, secrets, google, watermark = _free_ports(4)
+        runtime, secrets, google, watermark, kms = _free_ports(5)
         self.base_url = f"http://127.0.0.1:{runtime}"
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("ENCLAVE_", "TEE_", "ALFRED_", "LOCAL_", "GOOGLE_",
-                                         "MTLS_", "ECS_"))}
+                                         "MTLS_", "ECS_", "AWS_", "SEND_SECRETS_"))}
         self.env.update(LOCAL_STATE_DIR=str(self.state), LOCAL_RUNTIME_PORT=str(runtime),
                         LOCAL_SECRETS_PORT=str(secrets), LOCAL_GOOGLE_PORT=str(google),
-                        LOCAL_WATERMARK_PORT=str(watermark), LOCAL_READY_TIMEOUT="40")
-        self.ports = (runtime, secrets, google, watermark)
+                        LOCAL_WATERMARK_PORT=str(watermark), LOCAL_KMS_PORT=str(kms),
+                        LOCAL_READY_TIMEOUT="40")
+        self.ports = (runtime, secrets, google, watermark, kms)
 
-    def start(self) -> subprocess.Popen:
+    def start(self, *args: str) -> subprocess.Popen:
         self.out = open(Path(self.tmp.name) / "start-local.out", "w+")
         self.addCleanup(self.out.close)
-        proc = subprocess.Popen(["bash", str(START)], cwd=REPO, env=self.env, stdout=self.out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(["bash", str(START), *args], cwd=REPO, env=self.env,
+                                stdout=self.out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         self.addCleanup(self._kill_everything, proc)
         return proc
 
@@ -109,7 +137,7 @@ class LocalStackTest(unittest.TestCase):
 
     def _recorded_pids(self) -> dict[str, int]:
         pids = {}
-        for name in CHILDREN:
+        for name in ALL_CHILDREN:
             path = self.state / "pids" / f"{name}.pid"
             if path.exists():
                 pids[name] = int(path.read_text().strip())
@@ -130,10 +158,12 @@ class LocalStackTest(unittest.TestCase):
                               text=True, timeout=STEP_TIMEOUT_S)
 
     def test_start_smoke_probe_stop(self):
-        proc = self.start()
+        """--secrets channel: the plaintext delivery."""
+        proc = self.start("--secrets", "channel")
         self.wait_ready(proc)
         with urllib.request.urlopen(f"{self.base_url}/healthz?ready=1", timeout=5) as resp:
             self.assertEqual(resp.status, 200)
+        self.assertIn("secrets: channel", self.output())
 
         children = self._recorded_pids()
         self.assertEqual(sorted(children), sorted(CHILDREN), self.output())
@@ -171,7 +201,12 @@ class LocalStackTest(unittest.TestCase):
         for name in ("runtime", "fake-google", "fake-watermark", "secrets", "pki"):
             self.assertTrue((self.state / "logs" / f"{name}.log").exists(), name)
 
-        # Ctrl-C: SIGINT to the script stops everything it started.
+        self.stop_and_check(proc, children)
+
+    def stop_and_check(self, proc: subprocess.Popen, children: dict[str, int],
+                       *secrets: str) -> None:
+        """Ctrl-C: SIGINT to the script stops everything it started, frees every port and
+        leaves no secret (nor any of `secrets`) in a log."""
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(STOP_TIMEOUT_S)
@@ -189,8 +224,9 @@ class LocalStackTest(unittest.TestCase):
         self.assertIn("stopped", (self.state / "logs" / "runtime.log").read_text())
         # every secret the stack used (dev keys, the delivered secrets) is kept out of its logs
         support.remember_key_files(self.state)
-        delivered = json.loads(next(self.state.glob("secrets*.json")).read_text())
+        delivered = json.loads((self.state / "secrets.local.json").read_text())
         support.remember_secret(delivered.get("GOOGLE_OAUTH_CLIENT_SECRET"), kind="google client secret")
+        support.remember_secret(*secrets, kind="local stack secret")
         for log_file in sorted((self.state / "logs").glob("*.log")):
             support.scan_later(log_file.read_text(), f"local stack {log_file.name}")
         support.scan_later(self.output(), "start-local.sh output")
@@ -199,11 +235,71 @@ class LocalStackTest(unittest.TestCase):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", port))
 
+    def test_kms_sealed_delivery_by_default(self):
+        """The default --secrets kms: sealed under the fake KMS, opened in the runtime with a
+        dev-shim recipient document, the plaintext never on the secrets channel."""
+        if not runtime_knows_secrets_source():
+            self.skipTest("the runtime does not know ENCLAVE_SECRETS_SOURCE yet (check-config "
+                          "accepts ENCLAVE_SECRETS_SOURCE=not-a-source): the kms local stack "
+                          "needs the runtime side of sealed secrets")
+        from tests.fakes.fake_kms import TEST_SECRET_ACCESS_KEY
+        proc = self.start()
+        self.wait_ready(proc)
+        with urllib.request.urlopen(f"{self.base_url}/healthz?ready=1", timeout=5) as resp:
+            self.assertEqual(resp.status, 200)
+        output = self.output()
+        self.assertIn("secrets: kms", output)
+        self.assertIn("secrets delivered (kms)", output)
+        children = self._recorded_pids()
+        self.assertEqual(sorted(children), sorted(KMS_CHILDREN), output)
+
+        sealed = json.loads((self.state / "secrets.sealed.json").read_text())
+        plain = json.loads((self.state / "secrets.local.json").read_text())
+        self.assertEqual(sealed["kms_key_arn"].rsplit(":", 2)[0], "arn:aws:kms:us-east-1")
+        self.assertIn(f"key {sealed['kms_key_arn']}", output)
+        sealed_text = json.dumps(sealed)
+        for name in ("GOOGLE_OAUTH_CLIENT_SECRET", "GOOGLE_OAUTH_CLIENT_ID"):
+            self.assertNotIn(plain[name], sealed_text)  # only ciphertext in the envelope
+        self.assertEqual(os.stat(self.state / "kms" / "credentials.env").st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(self.state / "kms" / "key.json").st_mode & 0o777, 0o600)
+
+        # every secret the runtime needs came out of the envelope: the smoke checklist holds
+        tools_env = {**self.env, "ALFRED_ENV": "local", "ENCLAVE_STATE_DIR": str(self.state),
+                     "PYTHON": sys.executable}
+        smoke = self.run_step("bash", str(SMOKE), self.base_url, env=tools_env)
+        self.assertEqual(smoke.returncode, 0, smoke.stdout + smoke.stderr)
+        self.assertRegex(smoke.stdout, r"smoke: \d+ passed, 0 failed")
+
+        # the printed redelivery command works (the same bundle again: nothing changes)
+        redeliver = next(line for line in output.splitlines() if "redeliver:" in line)
+        command = redeliver.split("redeliver:", 1)[1].strip()
+        again = self.run_step("bash", "-c", command)
+        self.assertEqual(again.returncode, 0, again.stdout + again.stderr)
+        self.assertTrue(json.loads(again.stdout)["ok"])
+        material = json.loads((self.state / "kms" / "key.json").read_text())["material"]
+        self.stop_and_check(proc, children, TEST_SECRET_ACCESS_KEY, material)
+
+    def test_kms_needs_a_runtime_that_knows_the_secrets_source(self):
+        if runtime_knows_secrets_source():
+            self.skipTest("the runtime knows ENCLAVE_SECRETS_SOURCE")
+        result = self.run_step("bash", str(START))
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("does not know ENCLAVE_SECRETS_SOURCE", result.stderr)
+        self.assertIn("--secrets channel", result.stderr)
+        self.assertEqual(self._recorded_pids(), {})
+        self.assertFalse((self.state / "run.pid").exists())
+
+    def test_unknown_secrets_source_is_a_usage_error(self):
+        result = self.run_step("bash", str(START), "--secrets", "plaintext")
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn("--secrets must be kms or channel", result.stderr)
+        self.assertFalse(self.state.exists() and any(self.state.iterdir()))
+
     def test_busy_port_is_reported_before_anything_starts(self):
         with socket.socket() as blocker:
             blocker.bind(("127.0.0.1", self.ports[2]))
             blocker.listen(1)
-            result = self.run_step("bash", str(START))
+            result = self.run_step("bash", str(START), "--secrets", "channel")
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
         self.assertIn(f"{self.ports[2]} (fake-google)", result.stderr)
         self.assertEqual(self._recorded_pids(), {})

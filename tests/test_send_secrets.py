@@ -1,20 +1,28 @@
-"""Senders: the `send-secrets` command, scripts/send-secrets.sh, raw socat, scripts/gen-dev-certs.sh."""
+"""Senders: the `send-secrets` command, scripts/send-secrets.sh (plaintext and --kms sealed
+deliveries, credentials from the environment or a fake IMDSv2), raw socat,
+scripts/gen-dev-certs.sh."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
+import http.server
 import io
 import json
 import os
+import secrets
 import shutil
 import socket
+import socketserver
 import subprocess
+import sys
 import tempfile
+import threading
 import unittest
 from pathlib import Path
 
-from enclave import cli
+from enclave import cli, envelope, kms
 from enclave.host import send_secrets as cmd_send_secrets
 from enclave.addresses import parse_address
 from enclave.config import Settings
@@ -29,6 +37,8 @@ SEND_SCRIPT = ROOT / "scripts" / "send-secrets.sh"
 GEN_SCRIPT = ROOT / "scripts" / "gen-dev-certs.sh"
 LOOPBACK_ANY = parse_address("tcp:127.0.0.1:0")
 SCRIPT_TIMEOUT_S = 30
+KMS_KEY_ARN = "arn:aws:kms:eu-west-1:111122223333:key/0b7c4c2e-6f7d-4a8e-9f3a-1c2d3e4f5a6b"
+CAPTURE_READ_TIMEOUT_S = 10  # the capture listener's bound on a silent sender
 
 
 def free_port() -> int:
@@ -221,6 +231,319 @@ class DevCertsTest(SenderTestCase):
         result = run("--force", str(pki))
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotEqual((pki / "client.crt").read_bytes(), first)
+
+
+# -- --kms: the sealed delivery ----------------------------------------------------------------
+
+class _CaptureHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        server = self.server
+        self.request.settimeout(CAPTURE_READ_TIMEOUT_S)
+        chunks = []
+        try:
+            while chunk := self.request.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            return
+        with server.lock:
+            server.deliveries.append(b"".join(chunks))
+            ack = server.acks.pop(0) if len(server.acks) > 1 else server.acks[0]
+        self.request.sendall(json.dumps(ack).encode() + b"\n")
+
+
+class CaptureListener(socketserver.ThreadingTCPServer):
+    """A stand-in secrets listener on 127.0.0.1:0: keeps every delivery, answers `acks` in
+    order (the last one repeats)."""
+
+    daemon_threads = True
+    block_on_close = True
+
+    def __init__(self, *acks):
+        super().__init__(("127.0.0.1", 0), _CaptureHandler)
+        self.lock = threading.Lock()
+        self.deliveries: list[bytes] = []
+        self.acks = list(acks) or [{"ok": True, "version": 1, "changed": ["SEALED_SECRETS"]}]
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+        self.thread.join(timeout=5)
+
+
+class FakeImds(http.server.ThreadingHTTPServer):
+    """IMDSv2 on 127.0.0.1:0: PUT /latest/api/token, then token-authenticated GETs of the role
+    list and the role's credentials document (the real field names, Token not SessionToken)."""
+
+    ROLE = "enclave-parent-role"
+    daemon_threads = True
+
+    def __init__(self, document: dict):
+        self.token = "AQAEA" + secrets.token_urlsafe(40)
+        self.document = document
+        self.seen: list[tuple[str, str, bool]] = []  # (method, path, carried the token)
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # no request lines on stderr
+                pass
+
+            def answer(self, status: int, body: bytes):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self):
+                fake.seen.append(("PUT", self.path, False))
+                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
+                if self.path != "/latest/api/token" or not ttl.isdigit():
+                    return self.answer(400, b"")
+                self.answer(200, fake.token.encode())
+
+            def do_GET(self):
+                authorized = self.headers.get("X-aws-ec2-metadata-token") == fake.token
+                fake.seen.append(("GET", self.path, authorized))
+                if not authorized:
+                    return self.answer(401, b"")
+                base = "/latest/meta-data/iam/security-credentials/"
+                if self.path == base:
+                    return self.answer(200, FakeImds.ROLE.encode())
+                if self.path == base + FakeImds.ROLE:
+                    return self.answer(200, json.dumps(fake.document).encode())
+                self.answer(404, b"")
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+        self.thread.join(timeout=5)
+
+
+def _random_credentials() -> dict:
+    """Values shaped like AWS's, random per test, registered for the leak scan."""
+    creds = {"AccessKeyId": "ASIA" + secrets.token_hex(8).upper(),
+             "SecretAccessKey": secrets.token_urlsafe(30)[:40],
+             "Token": "IQoJb3JpZ2luX2VjE" + secrets.token_urlsafe(120)}
+    remember_secret(creds["SecretAccessKey"], creds["Token"], kind="AWS test credentials")
+    return creds
+
+
+@unittest.skipUnless(shutil.which("socat"), "socat is not installed (make tools installs it)")
+class KmsDeliveryScriptTest(unittest.TestCase):
+    """send-secrets.sh --kms ENVELOPE_FILE against a capture listener; every tool the script
+    runs (socat, curl, python) is a wrapper that records its command line, the part of a
+    process that `ps` shows to every user."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.tmp = Path(tmp.name)
+        self.envelope = envelope.seal(
+            {"ENCLAVE_RPC_SHARED_SECRET": "never-sent-in-the-clear"}, kms_key_arn=KMS_KEY_ARN,
+            bundle_version=9, data_key=os.urandom(32), encrypted_data_key=os.urandom(180),
+            nonce=os.urandom(12))
+        self.envelope_file = self.tmp / "sealed.json"
+        self.envelope_file.write_text(json.dumps(self.envelope, indent=2))
+        self.argv_log = self.tmp / "argv.log"
+        self.bin = self.tmp / "bin"
+        self.bin.mkdir()
+        for tool, real in (("socat", shutil.which("socat")), ("curl", shutil.which("curl")),
+                           ("python3", sys.executable)):
+            if real is None:
+                continue
+            wrapper = self.bin / tool
+            wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> "{self.argv_log}"\n'
+                               f'exec "{real}" "$@"\n')
+            wrapper.chmod(0o755)
+        self.creds = _random_credentials()
+
+    def listener(self, *acks) -> CaptureListener:
+        listener = CaptureListener(*acks)
+        self.addCleanup(listener.close)
+        return listener
+
+    def run_script(self, *argv, env=None) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SEND_SECRETS_"))}
+        full_env = {**base, "PATH": f"{self.bin}{os.pathsep}{base.get('PATH', '')}",
+                    "SEND_SECRETS_SLEEP": "0", "SEND_SECRETS_PYTHON": str(self.bin / "python3"),
+                    **(env or {})}
+        result = subprocess.run(["bash", str(SEND_SCRIPT), *map(str, argv)], capture_output=True,
+                                text=True, env=full_env, timeout=SCRIPT_TIMEOUT_S)
+        scan_later(result.stdout + result.stderr, "send-secrets.sh --kms output")
+        return result
+
+    def env_credentials(self, **extra) -> dict:
+        return {"AWS_ACCESS_KEY_ID": self.creds["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": self.creds["SecretAccessKey"],
+                "AWS_SESSION_TOKEN": self.creds["Token"], **extra}
+
+    def assert_nothing_shows(self, result, *values):
+        """No credential in the script's output, nor on any command line it ran."""
+        command_lines = self.argv_log.read_text() if self.argv_log.exists() else ""
+        self.assertIn("socat ", command_lines)
+        for value in values:
+            self.assertNotIn(value, result.stdout + result.stderr)
+            self.assertNotIn(value, command_lines)
+
+    def delivery(self, listener, index=-1) -> dict:
+        return json.loads(listener.deliveries[index])
+
+    def test_env_credentials_build_the_section_15_delivery(self):
+        listener = self.listener()
+        result = self.run_script("--tcp", listener.target, "--kms", self.envelope_file,
+                                 env=self.env_credentials(AWS_REGION="eu-west-1"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout), listener.acks[0])
+        self.assertEqual(result.stdout.count("\n"), 1)
+        delivery = self.delivery(listener)
+        self.assertEqual(delivery, {
+            "SEALED_SECRETS": self.envelope,
+            "AWS_CREDENTIALS": {"AccessKeyId": self.creds["AccessKeyId"],
+                                "SecretAccessKey": self.creds["SecretAccessKey"],
+                                "SessionToken": self.creds["Token"]},
+            "AWS_REGION": "eu-west-1"})
+        # what the enclave will parse: the envelope and the credentials, as the runtime does
+        self.assertEqual(envelope.parse(delivery["SEALED_SECRETS"]).kms_key_arn, KMS_KEY_ARN)
+        now = dt.datetime.now(dt.timezone.utc)
+        kms.AwsCredentials.from_delivery(delivery["AWS_CREDENTIALS"], now=now)
+        self.assert_nothing_shows(result, self.creds["SecretAccessKey"], self.creds["Token"],
+                                  self.creds["AccessKeyId"])
+
+    def test_region_comes_from_the_key_and_a_token_is_optional(self):
+        listener = self.listener()
+        env = self.env_credentials()
+        del env["AWS_SESSION_TOKEN"]
+        result = self.run_script("--tcp", listener.target, "--kms", self.envelope_file, env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        delivery = self.delivery(listener)
+        self.assertEqual(delivery["AWS_REGION"], "eu-west-1")
+        self.assertEqual(set(delivery["AWS_CREDENTIALS"]), {"AccessKeyId", "SecretAccessKey"})
+
+    @unittest.skipUnless(shutil.which("curl"), "curl is not installed")
+    def test_imds_credentials(self):
+        document = {"Code": "Success", "LastUpdated": "2026-05-09T11:00:00Z",
+                    "Type": "AWS-HMAC", **self.creds, "Expiration": "2099-05-09T17:00:00Z"}
+        imds = FakeImds(document)
+        self.addCleanup(imds.close)
+        remember_secret(imds.token, kind="IMDSv2 session token")
+        listener = self.listener()
+        # IMDS is the default without AWS_ACCESS_KEY_ID
+        result = self.run_script("--tcp", listener.target, "--kms", self.envelope_file,
+                                 env={"SEND_SECRETS_IMDS_URL": imds.url})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(imds.seen, [
+            ("PUT", "/latest/api/token", False),
+            ("GET", "/latest/meta-data/iam/security-credentials/", True),
+            ("GET", f"/latest/meta-data/iam/security-credentials/{FakeImds.ROLE}", True)])
+        credentials = self.delivery(listener)["AWS_CREDENTIALS"]
+        self.assertEqual(credentials, {"AccessKeyId": self.creds["AccessKeyId"],
+                                       "SecretAccessKey": self.creds["SecretAccessKey"],
+                                       "SessionToken": self.creds["Token"],
+                                       "Expiration": "2099-05-09T17:00:00Z"})
+        parsed = kms.AwsCredentials.from_delivery(credentials,
+                                                  now=dt.datetime.now(dt.timezone.utc))
+        self.assertEqual(parsed.expiration.year, 2099)
+        self.assert_nothing_shows(result, self.creds["SecretAccessKey"], self.creds["Token"],
+                                  imds.token)
+
+        # a named role skips the listing; a failed IMDS document exits 1
+        imds.seen.clear()
+        result = self.run_script("--tcp", listener.target, "--kms", self.envelope_file,
+                                 env={"SEND_SECRETS_IMDS_URL": imds.url,
+                                      "SEND_SECRETS_CREDENTIALS": "imds",
+                                      "SEND_SECRETS_IMDS_ROLE": FakeImds.ROLE,
+                                      "AWS_ACCESS_KEY_ID": "AKIAIGNOREDBYIMDS000"})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([path for _, path, _ in imds.seen][1:],
+                         [f"/latest/meta-data/iam/security-credentials/{FakeImds.ROLE}"])
+        imds.document = {"Code": "AssumeRoleUnauthorizedAccess"}
+        sent = len(listener.deliveries)
+        result = self.run_script("--tcp", listener.target, "--kms", self.envelope_file,
+                                 env={"SEND_SECRETS_IMDS_URL": imds.url})
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("AssumeRoleUnauthorizedAccess", result.stderr)
+        self.assertEqual(len(listener.deliveries), sent)  # nothing sent
+
+    @unittest.skipUnless(shutil.which("curl"), "curl is not installed")
+    def test_no_imds_exits_1_with_a_hint(self):
+        listener = self.listener()
+        result = self.run_script("--tcp", listener.target, "--kms", self.envelope_file,
+                                 env={"SEND_SECRETS_IMDS_URL": f"http://127.0.0.1:{free_port()}"})
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("SEND_SECRETS_CREDENTIALS=env", result.stderr)
+        self.assertEqual(listener.deliveries, [])
+
+    def test_refused_and_busy_acks(self):
+        refusal = {"ok": False, "version": 0,
+                   "error": {"code": "kms_access_denied", "message": "not in the key policy"}}
+        listener = self.listener(refusal)
+        result = self.run_script("--tcp", listener.target, "--kms", self.envelope_file,
+                                 env=self.env_credentials())
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(json.loads(result.stdout), refusal)
+
+        busy = {"ok": False, "version": 0, "error": {"code": "busy", "message": "busy"}}
+        listener = self.listener(busy, {"ok": True, "version": 1, "changed": []})
+        result = self.run_script("--tcp", listener.target, "--kms", self.envelope_file,
+                                 env=self.env_credentials())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("try 1/5: listener busy", result.stderr)
+        first, second = listener.deliveries
+        self.assertEqual(first, second)  # the same delivery, sent again
+
+    def test_unreachable_listener(self):
+        result = self.run_script("--tcp", f"127.0.0.1:{free_port()}", "--kms", self.envelope_file,
+                                 env={**self.env_credentials(), "SEND_SECRETS_TRIES": "2"})
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("giving up after 2 tries", result.stderr)
+        self.assertEqual(result.stdout, "")
+
+    def test_usage_errors_exit_2_and_send_nothing(self):
+        listener = self.listener()
+        not_sealed = self.tmp / "plain.json"
+        not_sealed.write_text(json.dumps({"ENCLAVE_RPC_SHARED_SECRET": "x" * 40}))
+        creds = self.env_credentials()
+        no_secret = {k: v for k, v in creds.items() if k != "AWS_SECRET_ACCESS_KEY"}
+        cases = {
+            "FILE and --kms": (["--tcp", listener.target, not_sealed, "--kms",
+                                self.envelope_file], creds, "not both"),
+            "--kms without a file": (["--tcp", listener.target, "--kms"], creds, "usage:"),
+            "unreadable envelope": (["--tcp", listener.target, "--kms", self.tmp / "missing"],
+                                    creds, "cannot read"),
+            "not an envelope": (["--tcp", listener.target, "--kms", not_sealed], creds,
+                                "not a sealed envelope"),
+            "unknown credentials source": (["--tcp", listener.target, "--kms",
+                                            self.envelope_file],
+                                           {**creds, "SEND_SECRETS_CREDENTIALS": "file"},
+                                           "must be env or imds"),
+            "env without the secret key": (["--tcp", listener.target, "--kms",
+                                            self.envelope_file], no_secret,
+                                           "AWS_SECRET_ACCESS_KEY"),
+            "another region": (["--tcp", listener.target, "--kms", self.envelope_file],
+                               {**creds, "AWS_REGION": "us-east-1"}, "not the region"),
+        }
+        for name, (argv, env, message) in cases.items():
+            with self.subTest(name):
+                result = self.run_script(*argv, env=env)
+                self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+                self.assertIn(message, result.stderr)
+                self.assertEqual(result.stdout, "")
+        self.assertEqual(listener.deliveries, [])
 
 
 if __name__ == "__main__":
