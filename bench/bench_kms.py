@@ -53,24 +53,11 @@ MIN_N, MAX_N = 5, 200
 WARMUP_DELIVERIES = 2  # first connection, imports, the dev leaf on the runtime side
 ACK_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 30.0
-CHECK_CONFIG_TIMEOUT_S = 60.0
 # The runtime's variable for the CA that KMS TLS trusts instead of the Amazon roots (the same
 # choice as scripts/start-local.sh's KMS_CA_ENV).
 KMS_CA_ENV = "ENCLAVE_OUTBOUND_CA_FILE"
 ROOT = Path(__file__).resolve().parent.parent
 FIGURE = "sealed (kms) delivery -> ack p50 against the fake KMS"
-
-
-def runtime_knows_kms_source() -> bool:
-    """Whether `enclave.py check-config` reads ENCLAVE_SECRETS_SOURCE: it refuses a value it
-    does not know (exit 2, naming the variable) only if it knows the variable."""
-    from bench.run import free_port, runtime_env
-    with tempfile.TemporaryDirectory(prefix="bench-kms-check-") as state:
-        env = runtime_env(state, free_port(), free_port(), ENCLAVE_SECRETS_SOURCE="not-a-source")
-        result = subprocess.run([sys.executable, str(ROOT / "enclave.py"), "check-config"],
-                                cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=CHECK_CONFIG_TIMEOUT_S)
-    return result.returncode == 2 and "ENCLAVE_SECRETS_SOURCE" in result.stdout + result.stderr
 
 
 def _seal(fake: FakeKms, transport, creds, version: int) -> bytes:
@@ -146,9 +133,6 @@ def _deliver(port: int, delivery: bytes) -> tuple[float, dict]:
 
 def run(n: int = DEFAULT_N) -> dict:
     n = max(MIN_N, min(int(n), MAX_N))
-    if not runtime_knows_kms_source():
-        return {"figure": FIGURE, "skipped": "the runtime does not know ENCLAVE_SECRETS_SOURCE "
-                                             "yet: check-config accepts any value"}
     with tempfile.TemporaryDirectory(prefix="bench-kms-") as tmp:
         state = os.path.join(tmp, "state")
         root = devpki.load_or_create_root(state)  # the runtime loads this same dev root

@@ -91,7 +91,8 @@ class Runtime:
         ready = self.ready()
         # the store's state is an immutable snapshot replaced on every change: compare identity
         state = self.store.current() if self.store else None
-        key = (want_ready, ready, int(time.monotonic() - self.started))
+        key = (want_ready, ready, int(time.monotonic() - self.started),
+               self.store.bundle_version if self.store else None)
         cached = self._health_cache
         if cached is not None and cached[0] == key and cached[3] is state:
             return cached[1], JSON_TYPE, cached[2]

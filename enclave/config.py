@@ -39,6 +39,7 @@ EPHEMERAL_SIGNING_KEY = "ephemeral"  # generated in memory at boot, never leaves
 CHANNEL_ONLY_SECRETS = ("ENCLAVE_RPC_SHARED_SECRET", "ENCLAVE_TOKEN_SEALING_KEY",
                         "GOOGLE_OAUTH_CLIENT_SECRET", "MTLS_CLIENT_CERT_JSON")
 # Parts /healthz?ready=1 can wait for (ENCLAVE_READY_REQUIRES); an RPC secret is always needed.
+SECRETS_SOURCES = ("channel", "kms")  # plaintext deliveries, or KMS-sealed envelopes only
 READY_PARTS = ("rpc_secret", "sealing_key", "google_credentials", "mtls")
 STRICT_READY_REQUIRES = READY_PARTS  # a production enclave serves Google and the watermark RPC
 
@@ -94,6 +95,9 @@ class Settings:
     log_level: str = "INFO"
     # What /healthz?ready=1 waits for besides attestation and an RPC secret (READY_PARTS).
     ready_requires: tuple[str, ...] = ()
+    secrets_source: str = "channel"  # SECRETS_SOURCES
+    kms_key_arn: str | None = None  # the one KMS key whose envelopes this image accepts
+    kms_endpoint: str | None = None  # local/test override of https://kms.<region>.amazonaws.com
 
     @property
     def strict(self) -> bool:
@@ -356,10 +360,21 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         r.problems.append("ENCLAVE_OUTBOUND_CA_FILE: file not found or not readable")
     sealing_key = _sealing_key(r)
     egress_routes = r.raw("ENCLAVE_EGRESS_ROUTES")
+    routes = {}
     try:
-        parse_routes(egress_routes)
+        routes = parse_routes(egress_routes)
     except EgressError as exc:
         r.problems.append(_named("ENCLAVE_EGRESS_ROUTES", exc))
+    source = r.choice("ENCLAVE_SECRETS_SOURCE", SECRETS_SOURCES, "channel")
+    kms_key_arn, kms_region = r.raw("ENCLAVE_KMS_KEY_ARN"), None
+    if kms_key_arn is not None:
+        from .envelope import EnvelopeError, parse_key_arn
+        try:
+            kms_key_arn, kms_region = parse_key_arn(kms_key_arn)
+        except EnvelopeError:
+            r.problems.append("ENCLAVE_KMS_KEY_ARN must be a KMS key ARN "
+                              "(arn:aws:kms:REGION:ACCOUNT:key/ID)")
+    kms_endpoint = r.url("ENCLAVE_KMS_ENDPOINT", None)
     log_format = r.choice("ENCLAVE_LOG_FORMAT", ("text", "json"), "text")
     log_level = r.choice("ENCLAVE_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
     mtls_json = r.raw("MTLS_CLIENT_CERT_JSON")
@@ -374,6 +389,19 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
                           f"TEE_ATTESTATION_DOCUMENT_PATH={nsm_device}: a static document cannot "
                           "bind a key made at boot")
     ready_requires = _ready_requires(r, strict)
+    if source == "kms":
+        if kms_key_arn is None:
+            r.problems.append("ENCLAVE_SECRETS_SOURCE=kms requires ENCLAVE_KMS_KEY_ARN (the key "
+                              "whose envelopes this image accepts)")
+        if mode != "dev-shim" and (doc_b64 or (doc_path and doc_path != nsm_device)):
+            r.problems.append("ENCLAVE_SECRETS_SOURCE=kms needs TEE_ATTESTATION_DOCUMENT_PATH="
+                              f"{nsm_device} (or ENCLAVE_RUNTIME_MODE=dev-shim locally): a static "
+                              "document cannot bind the one-shot KMS recipient key")
+        if strict and kms_region and ("kms." + kms_region + ".amazonaws.com", 443) not in routes:
+            r.problems.append(f"ENCLAVE_SECRETS_SOURCE=kms needs an ENCLAVE_EGRESS_ROUTES route "
+                              f"for kms.{kms_region}.amazonaws.com:443 when ALFRED_ENV={env}")
+    elif kms_endpoint is not None:
+        r.problems.append("ENCLAVE_KMS_ENDPOINT is used only with ENCLAVE_SECRETS_SOURCE=kms")
     if mode == "dev-shim" and not strict:  # strict environments reject dev-shim outright
         if env_unreadable:
             pass
@@ -411,7 +439,8 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
                 r.problems.append(f"{name} is a secret: when ALFRED_ENV={env} it arrives only "
                                   "over the secrets channel, never from the environment (an "
                                   "enclave's environment is its public image)")
-        for name in ("GOOGLE_OAUTH_TOKEN_URL", "GOOGLE_OAUTH_REVOKE_URL", "ENCLAVE_OUTBOUND_CA_FILE"):
+        for name in ("GOOGLE_OAUTH_TOKEN_URL", "GOOGLE_OAUTH_REVOKE_URL", "ENCLAVE_OUTBOUND_CA_FILE",
+                     "ENCLAVE_KMS_ENDPOINT"):
             if r.raw(name) is not None:
                 r.problems.append(f"{name} may only be overridden when ALFRED_ENV is local or test")
         for name in ("ECS_WATERMARK_ENDPOINT",):
@@ -455,6 +484,7 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         google_token_url=token_url, google_revoke_url=revoke_url, outbound_ca_file=ca_file,
         token_sealing_key=sealing_key, egress_routes=egress_routes,
         log_format=log_format, log_level=log_level, ready_requires=ready_requires,
+        secrets_source=source, kms_key_arn=kms_key_arn, kms_endpoint=kms_endpoint,
     )
 
 

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from . import certstore, sealing, secrets, tls
+from .envelope import EnvelopeError
+from .kms import KmsError
 from .metrics import Metrics
+from .sealed import BundleRollback
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
                       SEALING_KEY_BYTES, Busy, InvalidCertificate, RequiredSecret, SecretsError,
@@ -77,7 +80,7 @@ class SecretStore:
     """Holds the current SecretsState and the mTLS snapshot; applies deliveries one at a time."""
 
     def __init__(self, settings, metrics: Metrics | None = None, now_fn=None, *,
-                 lock_timeout_s: float = APPLY_LOCK_TIMEOUT_S):
+                 lock_timeout_s: float = APPLY_LOCK_TIMEOUT_S, sealed=None):
         """Initial values come from `settings` (environment; local). An invalid
         MTLS_CLIENT_CERT_JSON there raises SecretsError (the caller exits 2). The certs
         directory is settled first (certstore.recover): an update a crash interrupted in an
@@ -91,6 +94,10 @@ class SecretStore:
         self._lock_timeout_s = lock_timeout_s
         self._received = threading.Event()
         self.on_applied: list = []  # called (no arguments) after each accepted delivery
+        # ENCLAVE_SECRETS_SOURCE=kms: an enclave.sealed.SealedSecretsOpener; only sealed
+        # envelopes are accepted, and the highest bundle_version applied since boot is kept.
+        self._sealed = sealed
+        self._bundle_version: int | None = None
         self._describe_metrics()
         try:
             # A crash during an earlier run's update left the old or the new set; settle it.
@@ -167,7 +174,9 @@ class SecretStore:
         state, snapshot = self._state, self._mtls
         return {
             "secrets": {"received": state.received, "version": state.version,
-                        "updated_at": _iso(state.updated_at)},
+                        "updated_at": _iso(state.updated_at),
+                        "source": "kms" if self._sealed is not None else "channel",
+                        "bundle_version": self._bundle_version},
             "mtls": {"configured": snapshot.configured, "not_after": _iso(snapshot.not_after)},
         }
 
@@ -179,6 +188,11 @@ class SecretStore:
             if new_state.get(key) is None and PART_OF_KEY[key] in required:
                 raise RequiredSecret(f"{key} cannot be cleared: this configuration needs "
                                      f"{PART_OF_KEY[key]} (deliver a new value instead)")
+
+    @property
+    def bundle_version(self) -> int | None:
+        """The highest sealed bundle_version applied since boot (kms), else None."""
+        return self._bundle_version
 
     def missing(self, parts) -> list[str]:
         """Which of `parts` (sealing_key, google_credentials, mtls; others are not the store's)
@@ -203,9 +217,14 @@ class SecretStore:
     def deliver(self, data: bytes, peer: str = "") -> dict:
         """Parse and apply one delivery; the ack to send back (never holds a secret)."""
         try:
-            state, changed = self.apply(secrets.parse_delivery(data))
+            unverified, bundle_version = secrets.parse_delivery(data), None
+            if self._sealed is not None:  # ciphertext only: open it (KMS; up to its deadline)
+                unverified, bundle_version = self._sealed.open(unverified, self._bundle_version)
+            state, changed = self.apply(unverified, bundle_version)
         except SecretsError as exc:
             return self.refuse(exc, peer)
+        except (EnvelopeError, KmsError) as exc:
+            return self.refuse(exc, peer, code=exc.code)
         except Exception:  # a bug must not kill the listener, nor answer with internals
             log.exception("Secrets delivery from %s failed unexpectedly", peer or "?")
             return self.refuse(SecretsError("internal error; the delivery was not applied"), peer,
@@ -226,12 +245,22 @@ class SecretStore:
         return {"ok": False, "version": self._state.version,
                 "error": {"code": code, "message": exc.message}}
 
-    def apply(self, unverified: dict) -> tuple[SecretsState, list[str]]:
-        """Validate and apply an unverified delivery object; SecretsError changes nothing."""
+    def apply(self, unverified: dict, bundle_version: int | None = None
+              ) -> tuple[SecretsState, list[str]]:
+        """Validate and apply an unverified delivery object; SecretsError changes nothing.
+        `bundle_version`: the sealed bundle it came from (kms), checked again for rollback
+        under the lock and recorded once applied."""
         if not self._lock.acquire(timeout=self._lock_timeout_s):
             raise Busy("another delivery is being applied; try again")
         try:
-            return self._apply_locked(unverified)
+            last = self._bundle_version
+            if bundle_version is not None and last is not None and bundle_version < last:
+                raise BundleRollback(f"bundle_version {bundle_version} is older than "
+                                     f"{last}, applied since boot")
+            result = self._apply_locked(unverified)
+            if bundle_version is not None:
+                self._bundle_version = max(bundle_version, last or 0)
+            return result
         finally:
             self._lock.release()
 

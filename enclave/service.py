@@ -136,8 +136,11 @@ def build_services(settings: Settings, metrics: Metrics):
     from .watermark import WatermarkService
 
     attestation = build_attestation(settings)
-    store = SecretStore(settings, metrics)
     connector = Connector.from_setting(settings.egress_routes)
+    sealed = closers = None
+    if settings.secrets_source == "kms":
+        sealed, closers = _sealed_opener(settings, attestation, connector)
+    store = SecretStore(settings, metrics, sealed=sealed)
     outbound = OutboundClient(connector, ca_file=settings.outbound_ca_file)
     authenticator = RpcAuthenticator(store.rpc_secrets, settings.rpc_max_skew_s, metrics,
                                      allow_local_default_secret=local_default_secret_allowed(
@@ -153,7 +156,22 @@ def build_services(settings: Settings, metrics: Metrics):
     service = AttestationService(attestation, metrics)
     return Runtime(settings, metrics=metrics, attestation=service, store=store, google=google,
                    watermark=watermark, authenticator=authenticator,
-                   closers=(outbound.close, watermark.close, attestation.close))
+                   closers=(outbound.close, watermark.close, attestation.close, *(closers or ())))
+
+
+def _sealed_opener(settings: Settings, attestation, connector):
+    """ENCLAVE_SECRETS_SOURCE=kms: the opener of sealed deliveries and what must be closed."""
+    from . import kms
+    from .outbound import OutboundClient
+    from .sealed import SealedSecretsOpener
+
+    # Only the bundled Amazon roots, or only the fake's CA in local/test (config refuses the
+    # override in staging/production). TLS ends here, inside the enclave, over the egress route.
+    context = kms.create_kms_context(settings.outbound_ca_file if not settings.strict else None)
+    transport = OutboundClient(connector, context=context)
+    opener = SealedSecretsOpener(settings.kms_key_arn, attest=attestation.recipient_document,
+                                 transport=transport, endpoint=settings.kms_endpoint)
+    return opener, (transport.close,)
 
 
 def start(settings: Settings, metrics: Metrics | None = None,

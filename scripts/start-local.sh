@@ -264,8 +264,7 @@ wait_listening() {  # name port: bounded wait until a child accepts TCP connecti
 }
 
 # 1. the runtime's environment (dev-shim; secrets come through the listener, not the
-# environment), and whether this runtime knows ENCLAVE_SECRETS_SOURCE: its check-config refuses
-# a value it does not know only if it knows the variable
+# environment)
 runtime_env=(
   ALFRED_ENV=local
   ENCLAVE_RUNTIME_MODE=dev-shim
@@ -287,13 +286,6 @@ unset_env=(-u MTLS_CLIENT_CERT_JSON -u ECS_WATERMARK_ENDPOINT -u ECS_WATERMARK_P
   -u TEE_ATTESTATION_DOCUMENT_PATH -u ENCLAVE_EGRESS_ROUTES
   -u ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS -u ENCLAVE_SECRETS_SOURCE -u ENCLAVE_KMS_KEY_ARN
   -u ENCLAVE_KMS_ENDPOINT -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN)
-if [ "$secrets_source" = kms ]; then
-  if checked="$(env "${unset_env[@]}" "${runtime_env[@]}" ENCLAVE_SECRETS_SOURCE=not-a-source \
-        "$py" enclave.py check-config 2>&1)" || [[ "$checked" != *ENCLAVE_SECRETS_SOURCE* ]]; then
-    die "this runtime does not know ENCLAVE_SECRETS_SOURCE yet, so it cannot take sealed" \
-      "deliveries: start the plaintext flow with --secrets channel (make run SECRETS=channel)"
-  fi
-fi
 
 # 2. dev PKI (kept across runs while valid) and the secrets to deliver
 "$REPO/scripts/gen-dev-certs.sh" --endpoint "https://127.0.0.1:$watermark_port" "$PKI" \
