@@ -73,7 +73,10 @@ case "$mode" in
     exec "${receiver[@]}"
     ;;
   journal)
-    command -v systemd-cat >/dev/null 2>&1 || { echo "$PROG: systemd-cat is required for --journal" >&2; exit 1; }
+    if ! command -v systemd-cat >/dev/null 2>&1; then
+      echo "$PROG: systemd-cat is required for --journal" >&2
+      exit 1
+    fi
     "${receiver[@]}" | systemd-cat -t "$JOURNAL_TAG"
     ;;
 esac

@@ -61,7 +61,8 @@ class ParseTest(unittest.TestCase):
 
 class IsRoutedTest(unittest.TestCase):
     ROUTES = parse_routes("oauth2.googleapis.com:443=vsock:3:8001,"
-                          "watermark.internal.example:8443=vsock:3:8003,[2001:db8::1]:443=vsock:3:9")
+                          "watermark.internal.example:8443=vsock:3:8003,"
+                          "[2001:db8::1]:443=vsock:3:9")
 
     def test_table(self):
         cases = [
