@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 TEST_STAMP := $(VENV)/.installed-requirements-test
 
-.PHONY: venv tools test run zipapp smoke bench lint clean
+.PHONY: venv tools test run zipapp smoke bench lint check-deploy clean
 
 # The venv is a real prerequisite: it is rebuilt when requirements.txt changes.
 $(STAMP): requirements.txt
@@ -48,6 +48,15 @@ lint: $(STAMP)
 	$(PY) -m compileall -q enclave tests bench scripts
 	bash -n scripts/*.sh
 	@if command -v shellcheck >/dev/null; then shellcheck scripts/*.sh; else echo "shellcheck not installed: skipped"; fi
+
+# The parent automation in deploy/ (docs/OPERATIONS.md): shellcheck on its scripts, the units,
+# allocator and allow-list (deploy/check.py, with systemd-analyze verify where installed), and
+# no drift between deploy/egress-routes.json, the generated files and the Containerfile.
+check-deploy:
+	@scripts/ensure-tools.sh shellcheck
+	shellcheck deploy/*.sh scripts/enclave-logs.sh
+	$(PYTHON) deploy/check.py --systemd
+	$(PYTHON) deploy/generate.py --check --containerfile Containerfile
 
 clean:
 	rm -rf dist build bench/results.json

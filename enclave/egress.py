@@ -3,7 +3,17 @@
 An enclave has no network. `ENCLAVE_EGRESS_ROUTES` maps `host:port` to the VSOCK address of a
 `vsock-proxy` on the parent: `oauth2.googleapis.com:443=vsock:3:8443,...`. The connector opens an
 AF_VSOCK stream to the route target (TLS then runs over it with `server_hostname=host`, see
-outbound.py); hosts without a route are reached over TCP directly (local development).
+outbound.py). What happens to a host without a route is the caller's choice, made once:
+
+- `fail_closed=True` (staging and production): refused with EgressNotRouted (code
+  `egress_not_routed`) before any socket exists, so an enclave never tries a network it lacks
+  and a missing route is named instead of surfacing as a connect timeout;
+- `fail_closed=False` (local development and tests): connected over TCP directly.
+
+`is_routed` / `require_route` answer the same question without a connector, for validators
+(a delivered ECS_WATERMARK_ENDPOINT must have a route in staging and production).
+The production route list is generated from deploy/egress-routes.json by deploy/generate.py,
+together with the parent's vsock-proxy allow-list, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -17,10 +27,29 @@ from .errors import EnclaveError
 
 VARIABLE = "ENCLAVE_EGRESS_ROUTES"
 MAX_ROUTES = 64  # a route table longer than this is a mistake, not a configuration
+NOT_ROUTED_CODE = "egress_not_routed"
 
 
 class EgressError(EnclaveError):
-    """A malformed route table, or a route that cannot be used on this machine."""
+    """A malformed route table, or a route that cannot be used on this machine.
+
+    `code` is the snake_case name a caller maps to its answer (see EgressNotRouted).
+    """
+
+    code = "egress_error"
+
+
+class EgressNotRouted(EgressError):
+    """A host:port without a route while direct connections are refused (fail closed)."""
+
+    code = NOT_ROUTED_CODE
+
+    def __init__(self, host: str, port: int):
+        shown = f"[{host}]" if ":" in host else host
+        super().__init__(f"{NOT_ROUTED_CODE}: no route for {shown}:{port} in {VARIABLE} "
+                         "and direct connections are refused")
+        self.host = host
+        self.port = port
 
 
 @dataclass(frozen=True)
@@ -80,6 +109,23 @@ def parse_routes(text: str | None) -> dict[tuple[str, int], Route]:
     return routes
 
 
+def _route_key(host: str, port: int) -> tuple[str, int]:
+    return host.lower().strip("[]"), port
+
+
+def is_routed(routes: dict[tuple[str, int], Route], host: str, port: int) -> bool:
+    """True if `routes` (from parse_routes) has a route for host:port (host case-insensitive)."""
+    return _route_key(host, port) in routes
+
+
+def require_route(routes: dict[tuple[str, int], Route], host: str, port: int) -> Route:
+    """The route for host:port, or EgressNotRouted."""
+    route = routes.get(_route_key(host, port))
+    if route is None:
+        raise EgressNotRouted(host.strip("[]"), port)
+    return route
+
+
 def _vsock_connect(sock: socket.socket, address: tuple[int, int]) -> socket.socket:
     sock.connect(address)
     return sock
@@ -92,7 +138,11 @@ def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
 
 
 class Connector:
-    """Opens the stream for (host, port): AF_VSOCK to its route target, else TCP directly.
+    """Opens the stream for (host, port): AF_VSOCK to its route target; without a route,
+    EgressNotRouted when `fail_closed`, else TCP directly.
+
+    `fail_closed` defaults to False only so that existing local-development callers keep
+    working; the runtime passes `fail_closed=settings.strict` (staging and production).
 
     `vsock_connect(sock, (cid, port)) -> socket` performs the final connect on the AF_VSOCK socket
     this class created; tests replace it (and only it) with a function that closes that socket and
@@ -100,10 +150,12 @@ class Connector:
     """
 
     def __init__(self, routes: dict[tuple[str, int], Route] | None = None, *,
+                 fail_closed: bool = False,
                  vsock_connect: Callable[[socket.socket, tuple[int, int]],
                                          socket.socket] = _vsock_connect,
                  tcp_connect: Callable[[str, int, float], socket.socket] = _tcp_connect):
         self.routes = dict(routes or {})
+        self.fail_closed = fail_closed
         self._vsock_connect = vsock_connect
         self._tcp_connect = tcp_connect
 
@@ -112,11 +164,13 @@ class Connector:
         return cls(parse_routes(text), **kwargs)
 
     def route_for(self, host: str, port: int) -> Route | None:
-        return self.routes.get((host.lower().strip("[]"), port))
+        return self.routes.get(_route_key(host, port))
 
     def connect(self, host: str, port: int, timeout: float) -> socket.socket:
         route = self.route_for(host, port)
         if route is None:
+            if self.fail_closed:
+                raise EgressNotRouted(host.strip("[]"), port)
             return self._tcp_connect(host, port, timeout)
         family = getattr(socket, "AF_VSOCK", None)
         if family is None:

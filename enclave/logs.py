@@ -90,11 +90,18 @@ def make_handler(fmt: str = "text", stream=None) -> logging.Handler:
     return handler
 
 
-def setup_logging(fmt: str = "text", level: str = "INFO", stream=None) -> None:
-    """Route every logger to one handler on stderr (idempotent)."""
+def setup_logging(fmt: str = "text", level: str = "INFO", stream=None,
+                  extra: tuple[logging.Handler, ...] = ()) -> None:
+    """Route every logger to one handler on stderr, plus `extra` handlers (idempotent).
+
+    `extra` is where the log sink goes (enclave.logsink.LogSink: the same records, as JSON
+    lines, to the parent); handlers replaced here are removed, not closed.
+    """
     handler = make_handler(fmt, stream)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    for other in extra:
+        root.addHandler(other)
     root.setLevel(level)

@@ -8,7 +8,8 @@ import socket
 import threading
 import unittest
 
-from enclave.egress import Connector, EgressError, Route, parse_routes
+from enclave.egress import (NOT_ROUTED_CODE, Connector, EgressError, EgressNotRouted, Route,
+                            is_routed, parse_routes, require_route)
 
 
 class ParseTest(unittest.TestCase):
@@ -56,6 +57,42 @@ class ParseTest(unittest.TestCase):
         with self.assertRaises(EgressError) as ctx:
             parse_routes("a:1=vsock:3:1,b:2=vsock:3:2,c=vsock:3:3")
         self.assertIn("entry 3", str(ctx.exception))
+
+
+class IsRoutedTest(unittest.TestCase):
+    ROUTES = parse_routes("oauth2.googleapis.com:443=vsock:3:8001,"
+                          "watermark.internal.example:8443=vsock:3:8003,"
+                          "[2001:db8::1]:443=vsock:3:9")
+
+    def test_table(self):
+        cases = [
+            ("exact", "oauth2.googleapis.com", 443, True),
+            ("case-insensitive host", "OAuth2.GoogleAPIs.com", 443, True),
+            ("other port", "oauth2.googleapis.com", 8443, False),
+            ("non-default port", "watermark.internal.example", 8443, True),
+            ("default port not implied", "watermark.internal.example", 443, False),
+            ("unknown host", "evil.example", 443, False),
+            ("suffix is not a match", "x.oauth2.googleapis.com", 443, False),
+            ("IPv6 bracketed", "[2001:db8::1]", 443, True),
+            ("IPv6 bare", "2001:db8::1", 443, True),
+        ]
+        for name, host, port, expected in cases:
+            with self.subTest(name):
+                self.assertIs(is_routed(self.ROUTES, host, port), expected)
+                if expected:
+                    self.assertEqual(require_route(self.ROUTES, host, port).port, port)
+                else:
+                    with self.assertRaises(EgressNotRouted) as ctx:
+                        require_route(self.ROUTES, host, port)
+                    self.assertEqual(ctx.exception.code, "egress_not_routed")
+
+    def test_empty_routes_route_nothing(self):
+        self.assertFalse(is_routed(parse_routes(None), "oauth2.googleapis.com", 443))
+
+    def test_parse_errors_carry_a_code(self):
+        with self.assertRaises(EgressError) as ctx:
+            parse_routes("h:443")
+        self.assertEqual(ctx.exception.code, "egress_error")
 
 
 class EchoServer:
@@ -140,6 +177,53 @@ class ConnectorTest(unittest.TestCase):
         with self.assertRaises(ConnectionRefusedError):
             connector.connect("h", 443, 1)
         self.assertEqual(created[0].fileno(), -1)
+
+    def test_fail_closed_refuses_unrouted_without_any_socket(self):
+        opened = []
+
+        def tcp_connect(host, port, timeout):
+            opened.append((host, port))
+            raise AssertionError("a fail-closed connector must not dial TCP")
+
+        connector = Connector(parse_routes("oauth2.googleapis.com:443=vsock:3:8443"),
+                              fail_closed=True, vsock_connect=self.fake_vsock_connect,
+                              tcp_connect=tcp_connect)
+        cases = [("unrouted host", "127.0.0.1", self.direct.port),
+                 ("routed host, other port", "oauth2.googleapis.com", 8443),
+                 ("IPv6 literal", "[::1]", self.direct.port)]
+        for name, host, port in cases:
+            with self.subTest(name):
+                with self.assertRaises(EgressNotRouted) as ctx:
+                    connector.connect(host, port, 2)
+                error = ctx.exception
+                self.assertIsInstance(error, EgressError)  # callers that map EgressError still do
+                self.assertEqual(error.code, NOT_ROUTED_CODE)
+                self.assertEqual(error.code, "egress_not_routed")
+                self.assertEqual((error.host, error.port), (host.strip("[]"), port))
+                self.assertIn("egress_not_routed", str(error))
+                self.assertIn("ENCLAVE_EGRESS_ROUTES", str(error))
+        self.assertEqual(opened, [])
+        self.assertEqual(self.calls, [])
+
+    def test_fail_closed_still_uses_routes(self):
+        if not hasattr(socket, "AF_VSOCK"):
+            self.skipTest("no AF_VSOCK on this platform")
+        connector = Connector(parse_routes("oauth2.googleapis.com:443=vsock:3:8443"),
+                              fail_closed=True, vsock_connect=self.fake_vsock_connect)
+        self.assertEqual(self.read(connector.connect("oauth2.googleapis.com", 443, 2)),
+                         b"vsock-proxy")
+        self.assertEqual(self.calls, [(socket.AF_VSOCK, socket.SOCK_STREAM, 2, (3, 8443))])
+
+    def test_fail_closed_with_no_routes_refuses_everything(self):
+        connector = Connector.from_setting(None, fail_closed=True)
+        with self.assertRaises(EgressNotRouted):
+            connector.connect("127.0.0.1", self.direct.port, 2)
+
+    def test_direct_fallback_is_the_default(self):
+        """Local development keeps direct TCP unless the caller asks for fail_closed."""
+        self.assertFalse(Connector().fail_closed)
+        self.assertEqual(self.read(Connector().connect("127.0.0.1", self.direct.port, 2)),
+                         b"direct")
 
     def test_from_setting(self):
         connector = Connector.from_setting("h:443=vsock:3:8443")
