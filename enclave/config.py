@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from .addresses import Address, AddressError, is_loopback_ip, parse_address
 from .egress import EgressError, parse_routes
 from .errors import EnclaveError
+from .logsink import LogSinkError, parse_sink
 from .rpcauth import LOCAL_DEFAULT_RPC_SECRET
 from .secrets import MIN_RPC_SECRET_BYTES, SEALING_KEY_BYTES
 
@@ -95,6 +96,7 @@ class Settings:
     log_level: str = "INFO"
     # What /healthz?ready=1 waits for besides attestation and an RPC secret (READY_PARTS).
     ready_requires: tuple[str, ...] = ()
+    log_sink: str | None = None  # ENCLAVE_LOG_SINK, parsed by enclave.logsink
     secrets_source: str = "channel"  # SECRETS_SOURCES
     kms_key_arn: str | None = None  # the one KMS key whose envelopes this image accepts
     kms_endpoint: str | None = None  # local/test override of https://kms.<region>.amazonaws.com
@@ -365,6 +367,12 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         routes = parse_routes(egress_routes)
     except EgressError as exc:
         r.problems.append(_named("ENCLAVE_EGRESS_ROUTES", exc))
+    log_sink = r.raw("ENCLAVE_LOG_SINK")
+    if log_sink is not None:
+        try:
+            parse_sink(log_sink)
+        except LogSinkError as exc:
+            r.problems.append(str(exc))
     source = r.choice("ENCLAVE_SECRETS_SOURCE", SECRETS_SOURCES, "channel")
     kms_key_arn, kms_region = r.raw("ENCLAVE_KMS_KEY_ARN"), None
     if kms_key_arn is not None:
@@ -485,6 +493,7 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
         token_sealing_key=sealing_key, egress_routes=egress_routes,
         log_format=log_format, log_level=log_level, ready_requires=ready_requires,
         secrets_source=source, kms_key_arn=kms_key_arn, kms_endpoint=kms_endpoint,
+        log_sink=log_sink,
     )
 
 

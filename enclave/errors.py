@@ -164,6 +164,13 @@ class UpstreamInvalidResponse(UpstreamError):
     code = "upstream_invalid_response"
 
 
+class EgressNotRouted(UpstreamError):
+    """staging/production: the upstream host has no ENCLAVE_EGRESS_ROUTES route, so no
+    connection was attempted (an enclave has no direct network; nothing falls back to TCP)."""
+
+    status, code = 502, "egress_not_routed"
+
+
 class UpstreamAuthFailed(UpstreamError):
     """The upstream refused the enclave's own credentials (Google 401 invalid_client)."""
 

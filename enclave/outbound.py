@@ -31,9 +31,9 @@ from typing import NamedTuple
 from urllib.parse import urlencode, urlsplit
 
 from . import tls
-from .egress import Connector, EgressError
-from .errors import (UpstreamError, UpstreamInvalidResponse, UpstreamTimeout, UpstreamTLSError,
-                     UpstreamUnavailable)
+from .egress import NOT_ROUTED_CODE, Connector, EgressError
+from .errors import (EgressNotRouted, UpstreamError, UpstreamInvalidResponse, UpstreamTimeout,
+                     UpstreamTLSError, UpstreamUnavailable)
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +380,8 @@ class OutboundClient:
             reason = getattr(exc, "reason", None) or type(exc).__name__
             return UpstreamTLSError(f"{host}: TLS failed ({reason})")
         if isinstance(exc, EgressError):
+            if exc.code == NOT_ROUTED_CODE:
+                return EgressNotRouted(f"{host}: {exc}")
             return UpstreamUnavailable(f"{host}: {exc}")
         if isinstance(exc, (OSError, http.client.IncompleteRead,
                             http.client.ImproperConnectionState)):

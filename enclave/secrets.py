@@ -122,6 +122,11 @@ class InvalidSecret(SecretsError):
     code = "invalid_secret"
 
 
+class EndpointNotRoutable(SecretsError):
+    """staging/production: ECS_WATERMARK_ENDPOINT has no ENCLAVE_EGRESS_ROUTES route."""
+    code = "endpoint_not_routable"
+
+
 class RequiredSecret(SecretsError):
     """A delivery would clear a secret the configuration needs (ENCLAVE_READY_REQUIRES)."""
     code = "required_secret"

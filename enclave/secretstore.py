@@ -17,16 +17,17 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
-from . import certstore, sealing, secrets, tls
+from . import certstore, egress, sealing, secrets, tls
 from .envelope import EnvelopeError
 from .kms import KmsError
 from .metrics import Metrics
 from .sealed import BundleRollback
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
-                      SEALING_KEY_BYTES, Busy, InvalidCertificate, RequiredSecret, SecretsError,
-                      SecretsState, StorageFailed)
+                      SEALING_KEY_BYTES, Busy, EndpointNotRoutable, InvalidCertificate,
+                      RequiredSecret, SecretsError, SecretsState, StorageFailed)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ PART_OF_KEY = {
     MTLS_CLIENT_CERT_JSON: "mtls",
     ECS_WATERMARK_ENDPOINT: "mtls",
 }
+HTTPS_PORT = 443
 RPC_SECRET_GRACE_S = 300  # a rotated ENCLAVE_RPC_SHARED_SECRET stays valid this long (DESIGN §4)
 APPLY_LOCK_TIMEOUT_S = 10.0  # a second applier waits this long, then gets `busy`
 
@@ -180,6 +182,19 @@ class SecretStore:
             "mtls": {"configured": snapshot.configured, "not_after": _iso(snapshot.not_after)},
         }
 
+    def _refuse_unroutable_endpoint(self, new_state: SecretsState, changed: list[str]) -> None:
+        """staging/production: an enclave reaches the watermark service only through an egress
+        route, so an endpoint without one is refused now rather than failing every call."""
+        endpoint = new_state.get(ECS_WATERMARK_ENDPOINT)
+        if not self._settings.strict or ECS_WATERMARK_ENDPOINT not in changed or not endpoint:
+            return
+        parts = urlsplit(endpoint)
+        port = parts.port or HTTPS_PORT
+        if not egress.is_routed(egress.parse_routes(self._settings.egress_routes),
+                                parts.hostname, port):
+            raise EndpointNotRoutable(f"{ECS_WATERMARK_ENDPOINT}: {parts.hostname}:{port} has no "
+                                      "ENCLAVE_EGRESS_ROUTES route in this image")
+
     def _refuse_clearing_required(self, new_state: SecretsState, changed: list[str]) -> None:
         """A delivery may clear a secret only if the configuration does not need it: the RPC
         secret always, the others when ENCLAVE_READY_REQUIRES lists their part."""
@@ -268,6 +283,7 @@ class SecretStore:
         current, snapshot = self._state, self._mtls
         new_state, changed = secrets.apply_update(current, unverified, self._now())
         self._refuse_clearing_required(new_state, changed)
+        self._refuse_unroutable_endpoint(new_state, changed)
         if not changed:
             self._commit(new_state, snapshot)
             log.info("Received secrets update (no change, version %d)", new_state.version)

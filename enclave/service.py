@@ -9,13 +9,15 @@ exit 2 naming the variable), wait for a first delivery (bounded)  4. serve HTTP,
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 from dataclasses import dataclass
 
 from .app import Runtime
-from .config import (ConfigError, Settings, is_loopback_listener, load_or_report,
+from . import logsink
+from .config import (ConfigError, Settings, is_loopback_listener, load_settings,
                      report_problems)
 from .errors import EnclaveError
 from .logs import setup_logging
@@ -136,7 +138,8 @@ def build_services(settings: Settings, metrics: Metrics):
     from .watermark import WatermarkService
 
     attestation = build_attestation(settings)
-    connector = Connector.from_setting(settings.egress_routes)
+    # staging/production: no direct connection ever; a host without a route is refused
+    connector = Connector.from_setting(settings.egress_routes, fail_closed=settings.strict)
     sealed = closers = None
     if settings.secrets_source == "kms":
         sealed, closers = _sealed_opener(settings, attestation, connector)
@@ -226,18 +229,39 @@ def _actual(address, http: HttpServer) -> str:
 
 
 def run(args) -> int:
-    settings = load_or_report(args.env_file)
-    if settings is None:
+    """`serve`: every exit 2 also reaches ENCLAVE_LOG_SINK before the process ends, since
+    nothing reads an enclave's console outside debug mode."""
+    try:
+        settings = load_settings(dotenv=args.env_file)
+    except ConfigError as exc:
+        report_problems(exc.problems)
+        logsink.report_startup_failure(os.environ.get(logsink.VARIABLE), exc.problems)
         return 2
     if settings.mode == "disabled":
-        print("ENCLAVE_RUNTIME_MODE=disabled: the runtime refuses to serve "
-              "(set remote in an enclave, or dev-shim locally)", file=sys.stderr)
+        message = ("ENCLAVE_RUNTIME_MODE=disabled: the runtime refuses to serve "
+                   "(set remote in an enclave, or dev-shim locally)")
+        print(message, file=sys.stderr)
+        logsink.report_startup_failure(settings.log_sink, [message])
         return 2
     problems = preflight(settings)
     if problems:
         report_problems(problems)
+        logsink.report_startup_failure(settings.log_sink, problems)
         return 2
-    setup_logging(settings.log_format, settings.log_level)
+    sink = logsink.from_setting(settings.log_sink)
+    setup_logging(settings.log_format, settings.log_level, extra=(sink,) if sink else ())
+    code = 2
+    try:
+        code = _serve(settings)
+        return code
+    finally:
+        if sink is not None:  # an exit 2 waits longer: its reason must reach the parent
+            sink.close(logsink.STARTUP_REPORT_TIMEOUT_S if code == 2
+                       else logsink.DEFAULT_FLUSH_TIMEOUT_S)
+
+
+def _serve(settings: Settings) -> int:
+    """Steps 2-5 of `serve` once the configuration holds; the exit code."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())

@@ -38,6 +38,8 @@ RPC_PATHS = ("/v1/rpc/google/token/exchange", "/v1/rpc/google/token/refresh",
 class _Store:
     """Secrets received and usable, as /healthz reports them."""
 
+    bundle_version = None  # plaintext deliveries (ENCLAVE_SECRETS_SOURCE=channel)
+
     def current(self):
         return None  # the state snapshot /healthz caches against: never changes here
 

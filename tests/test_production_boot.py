@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from unittest import mock
 
-from enclave import cli, nsm
+from enclave import cli, egress, nsm
 from enclave.config import load_settings
 from enclave.nitro import AT_DOCUMENT_TIME, Verifier
 from enclave.rpcauth import new_nonce, sign_request
@@ -151,7 +151,14 @@ class BootCase(unittest.TestCase):
         env = {**image_environment(), **TEST_OVERRIDES,
                "ENCLAVE_CERTS_DIR": os.path.join(state.name, "certs"),
                "ENCLAVE_STATE_DIR": os.path.join(state.name, "state"), **extra_env}
+        env.pop("ENCLAVE_LOG_SINK", None)  # the parent's log receiver: not on this machine
         settings = load_settings(env)
+        # The image's egress routes point at the parent (CID 3), which is not here: any attempt
+        # to use one fails the test instead of dialling out.
+        guard = mock.patch.object(egress, "_vsock_connect",
+                                  side_effect=AssertionError("no VSOCK connect in tests"))
+        guard.start()
+        self.addCleanup(guard.stop)
         real_device = nsm.NsmDevice
         with mock.patch.object(nsm, "NsmDevice",
                                lambda path: real_device(fake.device_path, ioctl=fake.ioctl)):
@@ -181,7 +188,7 @@ class BootCase(unittest.TestCase):
             "MTLS_CLIENT_CERT_JSON": {"client_cert": self.client.cert_pem.decode(),
                                       "client_key": self.client.key_pem.decode(),
                                       "ca_cert": self.ca.cert_pem.decode()},
-            "ECS_WATERMARK_ENDPOINT": "https://watermark.internal.example:8443",
+            "ECS_WATERMARK_ENDPOINT": "https://watermark.internal.example",  # the image's route
         }
         payload.update(extra)
         return payload
@@ -270,6 +277,23 @@ class ProductionBoot(BootCase):
             keys.append(doc.public_key)
             running.stop()
         self.assertNotEqual(keys[0], keys[1], "a restart must make a new per-boot key")
+
+    def test_an_endpoint_without_an_egress_route_is_refused(self):
+        running, _ = self.boot()
+        for endpoint in ("https://watermark.internal.example:8443", "https://elsewhere.example"):
+            with self.subTest(endpoint):
+                ack = self.deliver(running, self.delivery(ECS_WATERMARK_ENDPOINT=endpoint))
+                self.assertEqual((ack["ok"], ack["error"]["code"]),
+                                 (False, "endpoint_not_routable"))
+                self.assertEqual(ack["version"], 0)
+
+    def test_egress_fails_closed_for_a_host_without_a_route(self):
+        running, _ = self.boot()
+        connector = running.runtime.watermark.connector  # the one every upstream call uses
+        self.assertTrue(connector.fail_closed)
+        with self.assertRaises(egress.EgressNotRouted) as ctx:  # before any socket exists
+            connector.connect("accounts.example.com", 443, timeout=1)
+        self.assertEqual(ctx.exception.code, "egress_not_routed")
 
     def test_clearing_what_production_needs_is_refused_and_readiness_stays(self):
         running, _ = self.boot()

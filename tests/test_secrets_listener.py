@@ -483,7 +483,8 @@ class StoreTest(ChannelTestCase):
     def test_health_ready_and_metrics(self):
         store = self.make_store()
         self.assertEqual(store.health(), {
-            "secrets": {"received": False, "version": 0, "updated_at": None},
+            "secrets": {"received": False, "version": 0, "updated_at": None,
+                        "source": "channel", "bundle_version": None},
             "mtls": {"configured": False, "not_after": None}})
         self.assertFalse(store.ready())
         self.assertIsNone(store.google_credentials())
@@ -526,7 +527,8 @@ class StoreTest(ChannelTestCase):
         self.assertEqual((snapshot.endpoint, snapshot.generation), ("https://wm.local:8443", 0))
         self.assertTrue(store.ready())
         self.assertEqual(store.health()["secrets"], {"received": False, "version": 0,
-                                                     "updated_at": None})
+                                                     "updated_at": None, "source": "channel",
+                                                     "bundle_version": None})
         self.assertEqual((self.certs_dir / "client.crt").read_bytes(), issued.cert_pem)
         # The same material delivered again changes nothing.
         ack = store.deliver(self.payload({"MTLS_CLIENT_CERT_JSON": mtls_object(issued)}))
