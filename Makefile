@@ -36,6 +36,7 @@ run: $(STAMP) tools
 
 zipapp:
 	$(PYTHON) scripts/build_zipapp.py dist/enclave.pyz
+	$(PYTHON) scripts/build_zipapp.py --host dist/enclave-host.pyz
 
 smoke: $(STAMP) tools
 	scripts/smoke.sh

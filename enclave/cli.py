@@ -79,7 +79,15 @@ def _main(argv: list[str] | None) -> int:
     for name, (module_name, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name == argv[0]:  # import only the command that runs
-            modules[name] = importlib.import_module(module_name)
+            try:
+                modules[name] = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name != module_name:
+                    raise
+                print(f"enclave: '{name}' is a host command and this build does not carry it "
+                      "(dist/enclave.pyz is the enclave image's: the runtime only); use "
+                      "dist/enclave-host.pyz or python3 enclave.py", file=sys.stderr)
+                return EXIT_USAGE
             command.description = modules[name].HELP
             modules[name].add_arguments(command)
     if argv[0] == "sign":  # nonces may start with "-": argparse would take them for options

@@ -1,10 +1,17 @@
 #!/usr/bin/env python3
-"""Build dist/enclave.pyz reproducibly: sorted entries, fixed timestamps and modes.
+"""Build the zipapps reproducibly: sorted entries, fixed timestamps and modes.
 
-Usage: python3 scripts/build_zipapp.py [OUTPUT]   (default dist/enclave.pyz)
+Usage: python3 scripts/build_zipapp.py [--host] [OUTPUT]
+
+- dist/enclave.pyz (default): the enclave image's. The runtime, the verifier library
+  (enclave/nitro), the dev-shim PKI (dev-shim is part of the runtime for local use; staging and
+  production refuse it) and `check-config` (to check the image's configuration in the image).
+  NOT the other host commands (verify, probe, sign, send-secrets, seal-secrets): they run on
+  parents and laptops, never in an enclave, so the measured image does not carry them.
+- dist/enclave-host.pyz (--host): everything, for parents, laptops and host services.
 
 Timestamps come from SOURCE_DATE_EPOCH (default 1980-01-01, the zip format's epoch), so two
-builds of the same tree are byte-identical: the enclave's PCRs depend on it. The archive holds
+builds of the same tree are byte-identical: the enclave's PCRs depend on it. An archive holds
 only the project's code; cryptography and cbor2 come from the image's site-packages.
 """
 
@@ -22,14 +29,25 @@ INCLUDE_SUFFIXES = (".py", ".pem")
 MAIN = b'"""Zipapp entry point."""\nimport sys\n\nfrom enclave.cli import main\n\nsys.exit(main())\n'
 
 
-def source_files() -> list[Path]:
+HOST_PACKAGE = "enclave/host"
+IN_THE_IMAGE_FROM_HOST = ("__init__.py", "check_config.py")  # check the image's configuration
+
+
+def in_enclave_image(relative: str) -> bool:
+    """Whether a package file goes into the enclave image's zipapp."""
+    folder, _, name = relative.rpartition("/")
+    return folder != HOST_PACKAGE or name in IN_THE_IMAGE_FROM_HOST
+
+
+def source_files(host: bool = False) -> list[Path]:
     package = ROOT / "enclave"
     files = [p for p in package.rglob("*") if p.is_file() and p.suffix in INCLUDE_SUFFIXES
-             and "__pycache__" not in p.parts]
+             and "__pycache__" not in p.parts
+             and (host or in_enclave_image(p.relative_to(ROOT).as_posix()))]
     return sorted(files, key=lambda p: p.relative_to(ROOT).as_posix())
 
 
-def build(output: Path) -> Path:
+def build(output: Path, host: bool = False) -> Path:
     epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", ZIP_EPOCH)), ZIP_EPOCH)
     date_time = time.gmtime(epoch)[:6]
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +56,8 @@ def build(output: Path) -> Path:
         raw.write(SHEBANG)
         with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
             entries = [("__main__.py", MAIN)]
-            entries += [(p.relative_to(ROOT).as_posix(), p.read_bytes()) for p in source_files()]
+            entries += [(p.relative_to(ROOT).as_posix(), p.read_bytes())
+                        for p in source_files(host)]
             for name, data in entries:
                 info = zipfile.ZipInfo(name, date_time)
                 info.external_attr = (0o100000 | FILE_MODE) << 16
@@ -50,15 +69,17 @@ def build(output: Path) -> Path:
     return output
 
 
-USAGE = """usage: build_zipapp.py [-h] [OUTPUT]
+USAGE = """usage: build_zipapp.py [-h] [--host] [OUTPUT]
 
-Build the reproducible zipapp (sorted entries, fixed timestamps from SOURCE_DATE_EPOCH).
+Build a reproducible zipapp (sorted entries, fixed timestamps from SOURCE_DATE_EPOCH).
 
 positional arguments:
-  OUTPUT      where to write it (default dist/enclave.pyz)
+  OUTPUT      where to write it (default dist/enclave.pyz, with --host dist/enclave-host.pyz)
 
 options:
   -h, --help  show this help message and exit
+  --host      the host tools' zipapp: every command (the default is the enclave image's,
+              without verify, probe, sign, send-secrets and seal-secrets)
 """
 
 
@@ -66,10 +87,13 @@ def main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         sys.stdout.write(USAGE)
         return 0
+    host = "--host" in argv
+    argv = [arg for arg in argv if arg != "--host"]
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
         sys.stderr.write(USAGE.split("\n\n", 1)[0] + "\n")
         return 2
-    print(build(Path(argv[0]) if argv else ROOT / "dist" / "enclave.pyz"))
+    default = ROOT / "dist" / ("enclave-host.pyz" if host else "enclave.pyz")
+    print(build(Path(argv[0]) if argv else default, host=host))
     return 0
 
 

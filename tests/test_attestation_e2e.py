@@ -304,8 +304,9 @@ class TestDevShimRoundTrip(TempDirCase):
 # -- the zipapp verifies the real production document with its bundled root ------------------
 class TestZipappVerify(TempDirCase):
     def test_zipapp_verifies_the_production_document_at_its_time(self):
-        archive = self.dir / "enclave.pyz"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_zipapp.py"), str(archive)],
+        archive = self.dir / "enclave-host.pyz"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_zipapp.py"), "--host",
+                        str(archive)],
                        check=True, stdout=subprocess.DEVNULL, timeout=COMMAND_TIMEOUT_S)
         document = self.write("production.b64", PRODUCTION.read_bytes())
         # cwd is the temporary directory: the only `enclave` package in reach is the zip's.

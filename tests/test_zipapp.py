@@ -1,4 +1,5 @@
-"""The zipapp: two builds are byte-identical, and it runs the same commands as enclave.py."""
+"""The zipapps: two builds are byte-identical; the enclave image's holds the runtime but not the
+host tools, the host one runs every command as enclave.py does."""
 
 import os
 import subprocess
@@ -12,12 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "scripts" / "build_zipapp.py"
 
 
-def build(out: Path, epoch: str | None = None) -> bytes:
+HOST_ONLY_COMMANDS = ("verify", "probe", "sign", "send-secrets", "seal-secrets")
+
+
+def build(out: Path, epoch: str | None = None, host: bool = False) -> bytes:
     env = dict(os.environ)
     env.pop("SOURCE_DATE_EPOCH", None)
     if epoch is not None:
         env["SOURCE_DATE_EPOCH"] = epoch
-    subprocess.run([sys.executable, str(BUILD), str(out)], check=True, env=env,
+    flags = ["--host"] if host else []
+    subprocess.run([sys.executable, str(BUILD), *flags, str(out)], check=True, env=env,
                    stdout=subprocess.DEVNULL, timeout=60)
     return out.read_bytes()
 
@@ -29,6 +34,34 @@ class Zipapp(unittest.TestCase):
 
     def test_two_builds_are_byte_identical(self):
         self.assertEqual(build(self.dir / "a.pyz"), build(self.dir / "b.pyz"))
+        self.assertEqual(build(self.dir / "c.pyz", host=True), build(self.dir / "d.pyz", host=True))
+
+    def test_the_enclave_image_zipapp_carries_no_host_tool(self):
+        build(self.dir / "enclave.pyz")
+        build(self.dir / "host.pyz", host=True)
+        with zipfile.ZipFile(self.dir / "enclave.pyz") as zf:
+            image = set(zf.namelist())
+        with zipfile.ZipFile(self.dir / "host.pyz") as zf:
+            everything = set(zf.namelist())
+        host_files = {n for n in everything if n.startswith("enclave/host/")}
+        self.assertEqual({n for n in image if n.startswith("enclave/host/")},
+                         {"enclave/host/__init__.py", "enclave/host/check_config.py"})
+        self.assertIn("enclave/host/verify.py", host_files)
+        self.assertEqual(everything - image, host_files - {"enclave/host/__init__.py",
+                                                           "enclave/host/check_config.py"})
+        for kept in ("enclave/service.py", "enclave/nitro/verifier.py", "enclave/devpki.py",
+                     "enclave/nitro/data/aws_nitro_root_g1.pem", "enclave/data/amazon_roots.pem"):
+            self.assertIn(kept, image)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ALFRED_", "ENCLAVE_"))}
+        for command in HOST_ONLY_COMMANDS:
+            with self.subTest(command):
+                run = subprocess.run([sys.executable, str(self.dir / "enclave.pyz"), command,
+                                      "--help"], capture_output=True, text=True, timeout=60,
+                                     env=env, cwd=self.dir)
+                self.assertEqual(run.returncode, 2)
+                self.assertIn("enclave-host.pyz", run.stderr)
+                self.assertNotIn("Traceback", run.stderr)
+                self.assertEqual(len(run.stderr.strip().splitlines()), 1)
 
     def test_source_date_epoch_is_honoured(self):
         build(self.dir / "c.pyz", epoch="1700000000")
@@ -43,7 +76,7 @@ class Zipapp(unittest.TestCase):
 
     def test_zipapp_runs_help_and_check_config(self):
         out = self.dir / "enclave.pyz"
-        build(out)
+        build(out)  # the image's: check-config is in it, to check the image's configuration
         help_run = subprocess.run([sys.executable, str(out), "--help"], capture_output=True,
                                   text=True, timeout=60)
         self.assertEqual(help_run.returncode, 0, help_run.stderr)
