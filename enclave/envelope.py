@@ -28,6 +28,7 @@ from types import MappingProxyType
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import strictjson
 from .errors import EnclaveError
 
 ENVELOPE_VERSION = 1
@@ -199,15 +200,6 @@ def check_pinned(envelope: Envelope, pinned_arn: str,
     return envelope
 
 
-def _no_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError("duplicate key")
-        out[key] = value
-    return out
-
-
 def open(envelope: Envelope, data_key: bytes) -> dict:  # noqa: A001 - the envelope's verb
     """Section 15 opening step 6: AES-256-GCM open with the AAD, then check the plaintext.
 
@@ -227,10 +219,10 @@ def open(envelope: Envelope, data_key: bytes) -> dict:  # noqa: A001 - the envel
                             ) from None
     # Authenticated from here on: what follows catches a sealer's mistake, not an attacker.
     try:
-        payload = json.loads(plaintext.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        payload = strictjson.loads(plaintext.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise EnvelopeError(CODE_INVALID, "sealed payload is not UTF-8 JSON without duplicate "
-                                          "keys") from None
+        raise EnvelopeError(CODE_INVALID, "sealed payload is not strict UTF-8 JSON (no "
+                                          "duplicate keys, no NaN)") from None
     if not isinstance(payload, dict):
         raise EnvelopeError(CODE_INVALID, "sealed payload must be a JSON object")
     inner = payload.pop(BUNDLE_VERSION_FIELD, None)

@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from . import sealing
+from . import sealing, strictjson
 from .errors import EnclaveError
 
 MAX_DELIVERY_BYTES = 256 * 1024  # one delivery; a certificate bundle is a few KiB
@@ -204,19 +204,6 @@ def initial_state(values: Mapping[str, object]) -> SecretsState:
 
 # --- parsing ---------------------------------------------------------------------------------
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _object_without_duplicates(pairs):
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError("duplicate key")
-        result[key] = value
-    return result
-
-
 def parse_delivery(data: bytes) -> dict:
     """The bytes of one delivery as a JSON object (unverified), or a SecretsError."""
     if len(data) > MAX_DELIVERY_BYTES:
@@ -228,8 +215,7 @@ def parse_delivery(data: bytes) -> dict:
     if not text.strip():
         raise MalformedJson("delivery is empty: expected one JSON object")
     try:
-        unverified = json.loads(text, object_pairs_hook=_object_without_duplicates,
-                                parse_constant=_reject_constant)
+        unverified = strictjson.loads(text)
     except RecursionError:
         raise MalformedJson("delivery is nested too deeply") from None
     except json.JSONDecodeError as exc:
@@ -304,8 +290,7 @@ def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
     key = MTLS_CLIENT_CERT_JSON
     if isinstance(unverified, str):  # the original system also sends the object as a string
         try:
-            unverified = json.loads(unverified, object_pairs_hook=_object_without_duplicates,
-                                    parse_constant=_reject_constant)
+            unverified = strictjson.loads(unverified)
         except (ValueError, RecursionError):
             raise InvalidType(f"{key} as a string must hold a JSON object; "
                               "it is not valid JSON") from None

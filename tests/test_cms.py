@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from enclave import cms
 from enclave.cms import CmsError, decrypt_data_key, parse_enveloped
+from tests.fakes.fake_kms import indefinite, tlv
 from tests.support import remember_private_key, remember_secret, scan_later
 
 DATA = pathlib.Path(__file__).parent / "data" / "kms"
@@ -39,19 +40,8 @@ KMS_SKI_OFFSET, KMS_SKI_BYTES = 33, 32  # where the real blobs hold their subjec
 KMS_CHUNK_BYTES = 1000
 
 
-# -- a tiny BER writer for the KMS shape (checked below to rebuild the real blobs byte for byte) --
-
-def tlv(tag: int, *parts: bytes) -> bytes:
-    content = b"".join(parts)
-    if len(content) < 0x80:
-        return bytes([tag, len(content)]) + content
-    octets = len(content).to_bytes((len(content).bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(octets)]) + octets + content
-
-
-def indefinite(tag: int, *parts: bytes) -> bytes:
-    return bytes([tag, 0x80]) + b"".join(parts) + b"\x00\x00"
-
+# -- the KMS shape, written with the fake KMS's BER writer (checked below to rebuild the real
+# blobs byte for byte) --
 
 def oid(hex_content: str) -> bytes:
     return tlv(0x06, bytes.fromhex(hex_content))

@@ -15,7 +15,7 @@ import json
 import os
 import re
 
-from .. import devpki
+from .. import devpki, strictjson
 from ..nitro import nitro_root_der, pem_to_der_certs
 from ..nitro.verifier import MAX_PCRS, SHA384_BYTES
 from .args import UsageError, read_bounded
@@ -70,28 +70,14 @@ def parse_pcr_arg(value: str) -> tuple[int, bytes]:
     return int(match[1]), bytes.fromhex(match[2])
 
 
-def _no_duplicate_keys(pairs: list) -> dict:
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen[key] = value
-    return seen
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
 def read_pcrs_file(path: str) -> list[tuple[int, bytes]]:
     """Every (index, value) of a --pcrs file, in file order; UsageError if anything in it is
     not a PCR pin (a typo must not silently pin less)."""
     name = f"--pcrs {path}"
     data = read_bounded(path, MAX_PCRS_FILE_BYTES, name)
     try:
-        document = json.loads(data, object_pairs_hook=_no_duplicate_keys,
-                               parse_constant=_refuse_constant)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a duplicate key
+        document = strictjson.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # syntax, not UTF-8, a duplicate, too deep
         raise UsageError(f"{name}: not a JSON PCR file ({exc})") from None
     if isinstance(document, dict):
         return _measurements(document, name)

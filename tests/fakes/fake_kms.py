@@ -99,7 +99,7 @@ _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/, ]+)/([0-9]{8})/([^/, ]+)/
                    r"aws4_request, ?SignedHeaders=([a-z0-9;-]+), ?Signature=([0-9a-f]{64})")
 
 
-# -- KMS's CiphertextForRecipient shape (a BER writer; tests/test_cms.py has its twin) ---------
+# -- KMS's CiphertextForRecipient shape (a BER writer, also used by tests/test_cms.py) -------
 
 def tlv(tag: int, *parts: bytes) -> bytes:
     content = b"".join(parts)
