@@ -252,7 +252,7 @@ def run(args) -> int:
     setup_logging(settings.log_format, settings.log_level, extra=(sink,) if sink else ())
     code = 2
     try:
-        code = _serve(settings)
+        code = _serve(settings, sink)
         return code
     finally:
         if sink is not None:  # an exit 2 waits longer: its reason must reach the parent
@@ -260,7 +260,19 @@ def run(args) -> int:
                        else logsink.DEFAULT_FLUSH_TIMEOUT_S)
 
 
-def _serve(settings: Settings) -> int:
+LOG_SINK_METRICS = (  # (name, kind, help, the LogSink.stats() field)
+    ("enclave_log_sink_lines_sent_total", "counter", "Log lines delivered to ENCLAVE_LOG_SINK",
+     "sent"),
+    ("enclave_log_sink_lines_dropped_total", "counter",
+     "Log lines dropped because the sink's queue was full (the runtime never waits for it)",
+     "dropped"),
+    ("enclave_log_sink_reconnects_total", "counter", "Reconnections to ENCLAVE_LOG_SINK",
+     "reconnects"),
+    ("enclave_log_sink_lines_queued", "gauge", "Log lines waiting for ENCLAVE_LOG_SINK", "queued"),
+)
+
+
+def _serve(settings: Settings, sink=None) -> int:
     """Steps 2-5 of `serve` once the configuration holds; the exit code."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -274,6 +286,11 @@ def _serve(settings: Settings) -> int:
     except (EnclaveError, OSError) as exc:
         log.error("start-up failed: %s", exc)
         return 2
+    if sink is not None:
+        metrics = running.runtime.metrics
+        for name, kind, help_text, field in LOG_SINK_METRICS:
+            metrics.describe(name, kind, help_text)
+            metrics.gauge_fn(name, lambda field=field: sink.stats()[field])
     while not stop.wait(1.0):  # a bounded wait: signal handlers run between the waits
         pass
     log.info("stopping: draining in-flight requests")

@@ -12,13 +12,17 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 
 from enclave import logsink
 from enclave.addresses import parse_address
@@ -426,10 +430,6 @@ class StartupFailureTest(unittest.TestCase):
                                 timeout + logsink.STOP_JOIN_TIMEOUT_S + 1)
 
 
-SERVICE_SOURCE = (ROOT / "enclave" / "service.py").read_text()
-
-
-@unittest.skipUnless("logsink" in SERVICE_SOURCE, "service.py does not use the log sink yet")
 class ServeStartupFailureTest(unittest.TestCase):
     def test_configuration_error_reaches_the_receiver(self):
         receiver = Receiver()
@@ -443,6 +443,41 @@ class ServeStartupFailureTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 2, proc.stderr)
         messages = [e["msg"] for e in receiver.entries()]
         self.assertTrue(any("ALFRED_ENV" in m for m in messages), messages)
+
+    def test_a_running_runtime_sends_its_lines_and_counts_them(self):
+        receiver = Receiver()
+        self.addCleanup(receiver.close)
+        with tempfile.TemporaryDirectory() as state:
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
+                   "ALFRED_ENV": "local", "ENCLAVE_HTTP_LISTEN": "tcp:127.0.0.1:0",
+                   "ENCLAVE_SECRETS_LISTEN": "tcp:127.0.0.1:0",
+                   "ENCLAVE_SECRETS_INITIAL_TIMEOUT_SECONDS": "0", "ENCLAVE_STATE_DIR": state,
+                   "ENCLAVE_CERTS_DIR": f"{state}/certs", "ENCLAVE_LOG_FORMAT": "json",
+                   "ENCLAVE_LOG_SINK": f"tcp:127.0.0.1:{receiver.port}"}
+            proc = subprocess.Popen([sys.executable, str(ROOT / "enclave.py"), "serve"], env=env,
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            try:
+                serving = re.compile(r"serving: http=tcp:127\.0\.0\.1:(\d+)")
+                self.assertTrue(receiver.wait_for(lambda: serving.search(
+                    receiver.data.decode("utf-8", "replace"))), proc.poll())
+                port = int(serving.search(receiver.raw().decode())[1])
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                    text = resp.read().decode()
+                sent = re.search(r"^enclave_log_sink_lines_sent_total (\S+)$", text, re.M)
+                self.assertIsNotNone(sent, text)
+                self.assertGreater(float(sent[1]), 0)
+                self.assertIn("enclave_log_sink_lines_dropped_total 0", text)
+                proc.send_signal(signal.SIGTERM)
+                self.assertEqual(proc.wait(timeout=30), 0)
+                # the last lines, flushed before exit, reached the receiver too
+                self.assertTrue(receiver.wait_for(lambda: b"stopped" in receiver.data))
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                scan_later(proc.stdout.read(), "serve with a log sink")
+                proc.stdout.close()
 
 
 @unittest.skipUnless(shutil.which("socat"), "socat is not installed (scripts/ensure-tools.sh)")
