@@ -496,6 +496,16 @@ class RefusalTest(SealedStackCase):
              None, "plaintext_refused"),
             ("an unknown extra key", dict(self.delivery(good), EXTRA_KEY="1"), None,
              "unknown_key"),
+            ("no SEALED_SECRETS", {k: v for k, v in self.delivery(good).items()
+                                   if k != "SEALED_SECRETS"}, None, "envelope_malformed"),
+            ("SEALED_SECRETS as a string", dict(self.delivery(good),
+                                                SEALED_SECRETS=json.dumps(good)), None,
+             "envelope_malformed"),
+            ("AWS_REGION not the key's", dict(self.delivery(good), AWS_REGION="eu-west-1"),
+             None, "kms_invalid_request"),
+            ("Expiration not a time", self.delivery(good, dict(self.fake.credentials(),
+                                                               Expiration="tomorrow")),
+             None, "kms_credentials_invalid"),
             # opened, then the section 4 validator, unchanged: a refused newer bundle does not
             # advance bundle_version
             ("an unknown key inside the sealed payload", self.delivery(self.seal(
@@ -510,7 +520,8 @@ class RefusalTest(SealedStackCase):
                       "encryption_context purpose", "v", "rolled-back bundle_version",
                       "Expiration in the past", "missing AWS_CREDENTIALS",
                       "plaintext secret keys", "plaintext beside the envelope",
-                      "an unknown extra key"}
+                      "an unknown extra key", "no SEALED_SECRETS", "SEALED_SECRETS as a string",
+                      "AWS_REGION not the key's", "Expiration not a time"}
         self.assertLessEqual(before_kms, {case[0] for case in cases})
         for name, delivery, mode, code in cases:
             with self.subTest(name):
@@ -558,7 +569,8 @@ class RefusalTest(SealedStackCase):
             while len(self.fake.calls) == calls and time.monotonic() < deadline:
                 time.sleep(0.01)  # bounded: waits for the Decrypt to reach the fake
             self.assertEqual(self.fake.calls[calls:calls + 1], [("Decrypt", TEST_ACCESS_KEY_ID)])
-            # a second sender while KMS hangs: queued, then answered
+            # HTTP keeps answering while KMS hangs, and a second sender is queued, then answered
+            self.assertEqual(self.healthz()["secrets"], before["healthz"]["secrets"])
             second = self.deliver({"ENCLAVE_RPC_SHARED_SECRET": "queued-plaintext-" +
                                    os.urandom(8).hex()})
             thread.join(ACK_TIMEOUT_S)
