@@ -36,9 +36,12 @@ def send_secrets(port: int, payload: bytes) -> dict:
 
 
 class LocalStack:
-    def __init__(self, *, watermark: bool = True, google: bool = True, env: dict | None = None):
+    def __init__(self, *, watermark: bool = True, google: bool = True, env: dict | None = None,
+                 ca: TestCA | None = None):
+        """`ca`: the test CA to issue from (default: a new one), e.g. one a fake KMS started
+        before the stack also uses, so ENCLAVE_OUTBOUND_CA_FILE trusts both."""
         self.dir = tempfile.mkdtemp(prefix="enclave-stack-")
-        self.ca = TestCA("Enclave Stack Test CA")
+        self.ca = ca or TestCA("Enclave Stack Test CA")
         self.ca_file = self.ca.write(self.dir, "ca")
         server = self.ca.issue("127.0.0.1", server=True)
         self.server_cert, self.server_key = server.write(self.dir, "server")
