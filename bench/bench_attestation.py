@@ -1,4 +1,4 @@
-"""Attestation figures of DESIGN.md section 14, each against a raw baseline measured in this run.
+"""Attestation figures of docs/DESIGN.md §14, each against a raw baseline measured in this run.
 
     python -m bench.bench_attestation [challenge|verifier]
 

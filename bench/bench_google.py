@@ -1,5 +1,5 @@
 """Token exchange requests/s against the fake Google: pooled keep-alive vs a new TLS connection
-per request (DESIGN.md section 14, target ratio >= 3).
+per request (docs/DESIGN.md §14, target ratio >= 3).
 
     python -m bench.bench_google [SECONDS]
 

@@ -1,5 +1,5 @@
 """Sealed (`kms`) delivery -> ack p50 against the fake KMS, as a ratio to the raw in-process cost
-of what the runtime must do (DESIGN.md section 14, target <= 1.5).
+of what the runtime must do (docs/DESIGN.md §14, target <= 1.5).
 
     python -m bench.bench_kms [N]
 

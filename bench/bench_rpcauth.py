@@ -4,7 +4,7 @@
 
 `run(n)` signs n distinct requests up front (signing is the client's cost), then times the
 server-side check on each, in process, with headers as the server sees them
-(email.message.Message). DESIGN.md section 14 target: <= 50 us per request.
+(email.message.Message). docs/DESIGN.md §14 target: <= 50 us per request.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Secrets delivery -> ack latency over the real wire path (DESIGN.md §14: p50 <= 20 ms).
+"""Secrets delivery -> ack latency over the real wire path (docs/DESIGN.md §14: p50 <= 20 ms).
 
     python -m bench.bench_secrets [N]
 

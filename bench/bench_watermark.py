@@ -1,4 +1,4 @@
-"""Watermark RPC under load, and mTLS rotation under that load (DESIGN.md §5, §14).
+"""Watermark RPC under load, and mTLS rotation under that load (docs/DESIGN.md §5, §14).
 
     python -m bench.bench_watermark
 

@@ -1,5 +1,5 @@
 """The runtime object: holds the parts service.build_services makes, answers /healthz and /metrics,
-and owns the route table of the HTTP API (DESIGN.md §6)."""
+and owns the route table of the HTTP API (docs/DESIGN.md §6)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .server import JSON_TYPE, Router, json_bytes
 
 log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-WATERMARK_MAX_BODY_BYTES = 1024 * 1024  # DESIGN §5: watermark bodies up to 1 MiB
+WATERMARK_MAX_BODY_BYTES = 1024 * 1024  # docs/DESIGN.md §5: watermark bodies up to 1 MiB
 
 
 class Runtime:

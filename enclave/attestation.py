@@ -2,8 +2,8 @@
 
 Every source answers raw COSE_Sign1 bytes in the AWS Nitro format whose `public_key` is the
 signing identity's DER public key. The nsm and dev-shim sources also mint recipient documents
-whose `public_key` is a key the caller gives (the one-shot RSA key of a KMS Decrypt, DESIGN
-section 15); a static document cannot. The dev-shim source is INSECURE by design: it says so in
+whose `public_key` is a key the caller gives (the one-shot RSA key of a KMS Decrypt, docs/DESIGN.md
+§15); a static document cannot. The dev-shim source is INSECURE by design: it says so in
 its root certificate, its logs and /healthz.
 """
 

@@ -1,6 +1,6 @@
 """KMS `CiphertextForRecipient`: a strict reader for its one CMS shape, and the data key inside.
 
-DESIGN.md section 15 step 5. The blob is a CMS ContentInfo holding an EnvelopedData (RFC 5652)
+docs/DESIGN.md §15 step 5. The blob is a CMS ContentInfo holding an EnvelopedData (RFC 5652)
 in BER: constructed nodes may use indefinite lengths, primitives are definite, lengths minimal.
 Exactly this shape is accepted, nothing else:
 
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import EnclaveError
 
-RSA_KEY_BITS = 2048  # the enclave's one-shot recipient key (DESIGN.md section 15 step 2)
+RSA_KEY_BITS = 2048  # the enclave's one-shot recipient key (docs/DESIGN.md §15 step 2)
 ENCRYPTED_KEY_BYTES = RSA_KEY_BITS // 8  # an RSA ciphertext is as long as the modulus
 CONTENT_KEY_BYTES = 32  # AES-256
 IV_BYTES = 16  # the AES block

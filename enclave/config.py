@@ -326,7 +326,7 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
                               "loopback IP (secrets never come from the network)")
             break
     # The published local secret and the dev-shim defaults: only with ALFRED_ENV=local set
-    # explicitly AND both listeners reachable from this machine only (DESIGN.md section 3).
+    # explicitly AND both listeners reachable from this machine only (docs/DESIGN.md §3).
     public_listeners = [name for name, address in (("ENCLAVE_HTTP_LISTEN", http_listen),
                                                    ("ENCLAVE_SECRETS_LISTEN", secrets_listen))
                         if not is_loopback_listener(address)]

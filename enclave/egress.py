@@ -1,4 +1,4 @@
-"""Egress over VSOCK (DESIGN.md section 10).
+"""Egress over VSOCK (docs/DESIGN.md §10).
 
 An enclave has no network. `ENCLAVE_EGRESS_ROUTES` maps `host:port` to the VSOCK address of a
 `vsock-proxy` on the parent: `oauth2.googleapis.com:443=vsock:3:8443,...`. The connector opens an

@@ -1,4 +1,4 @@
-"""The sealed-secrets envelope (DESIGN.md section 15): strict parsing, pinning, opening, sealing.
+"""The sealed-secrets envelope (docs/DESIGN.md §15): strict parsing, pinning, opening, sealing.
 
     {"v": 1,
      "kms_key_arn": "arn:aws:kms:REGION:ACCOUNT:key/ID",

@@ -1,4 +1,4 @@
-"""Google OAuth on behalf of the host (DESIGN.md section 9): exchange, refresh, revoke.
+"""Google OAuth on behalf of the host (docs/DESIGN.md §9): exchange, refresh, revoke.
 
 The raw refresh token never leaves the enclave: the host only ever holds it sealed
 (enclave.sealing). Tokens are sealed under the keyring's current key and opened under any key it

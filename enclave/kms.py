@@ -1,4 +1,4 @@
-"""The KMS client for sealed secrets (DESIGN.md section 15): Decrypt with an attested Recipient.
+"""The KMS client for sealed secrets (docs/DESIGN.md §15): Decrypt with an attested Recipient.
 
 An I/O shell around the trust cores: `sigv4` signs, `cms` reads `CiphertextForRecipient`,
 `envelope` parses and opens. The transport is any object with `OutboundClient.request(method,

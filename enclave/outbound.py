@@ -37,7 +37,7 @@ from .errors import (EgressNotRouted, UpstreamError, UpstreamInvalidResponse, Up
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 10.0  # per request, all phases (DESIGN.md section 9)
+DEFAULT_TIMEOUT_S = 10.0  # per request, all phases (docs/DESIGN.md §9)
 MAX_CONNECTIONS_PER_HOST = 32  # in use at once per (host, port); the server caps requests at 64
 MAX_IDLE_PER_HOST = 16  # idle keep-alive connections kept per (host, port)
 IDLE_TTL_S = 45.0  # drop idle connections before typical server keep-alive timeouts (60 s+)

@@ -1,6 +1,6 @@
 """Host -> enclave RPC authentication: HMAC-SHA256 over the request, a skew window, a replay cache.
 
-DESIGN.md section 7. The check is a trust core: it takes headers, body bytes and `now` and does no
+docs/DESIGN.md §7. The check is a trust core: it takes headers, body bytes and `now` and does no
 I/O. The server calls it in two steps so that it can refuse before reading a body:
 
     pending = auth.precheck(method, target, headers, now)   # (1)-(3): headers, formats, skew

@@ -1,7 +1,7 @@
 """Sealed deliveries (ENCLAVE_SECRETS_SOURCE=kms): the parent relays ciphertext only.
 
 A delivery is `{"SEALED_SECRETS": <envelope>, "AWS_CREDENTIALS": {...}, "AWS_REGION": "..."}`
-(docs/DESIGN.md section 15). Opening it, in the order of the design's steps:
+(docs/DESIGN.md §15). Opening it, in the order of the design's steps:
 (1) the envelope names the pinned key, its bundle_version is no rollback (enclave.envelope);
 (2)-(5) KMS Decrypt with a Recipient attestation document for a one-shot RSA key, and the CMS
 answer opened inside the enclave (enclave.kms); (6) AES-256-GCM open of the payload

@@ -1,4 +1,4 @@
-"""Sealing of Google refresh tokens with AES-256-GCM under a keyring (DESIGN.md section 9).
+"""Sealing of Google refresh tokens with AES-256-GCM under a keyring (docs/DESIGN.md §9).
 
 A trust core: it takes keys, tokens and client ids and does no I/O.
 

@@ -1,4 +1,4 @@
-"""The secrets listener (DESIGN §4): one socket, TCP or AF_VSOCK, served by one thread.
+"""The secrets listener (docs/DESIGN.md §4): one socket, TCP or AF_VSOCK, served by one thread.
 
 Wire protocol, compatible with `cat secrets.json | socat - VSOCK-CONNECT:$CID:7777`:
 the sender writes one JSON object and half-closes, or ends a complete object with a newline;

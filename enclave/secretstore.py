@@ -41,7 +41,7 @@ PART_OF_KEY = {
     ECS_WATERMARK_ENDPOINT: "mtls",
 }
 HTTPS_PORT = 443
-RPC_SECRET_GRACE_S = 300  # a rotated ENCLAVE_RPC_SHARED_SECRET stays valid this long (DESIGN §4)
+RPC_SECRET_GRACE_S = 300  # a rotated ENCLAVE_RPC_SHARED_SECRET stays valid this long (docs/DESIGN.md §4)
 APPLY_LOCK_TIMEOUT_S = 10.0  # a second applier waits this long, then gets `busy`
 
 M_DELIVERIES = "enclave_secrets_deliveries_total"
@@ -115,7 +115,7 @@ class SecretStore:
             ENCLAVE_TOKEN_SEALING_KEY: settings.token_sealing_key,
         }
         if values[ENCLAVE_TOKEN_SEALING_KEY] is None and not settings.strict:
-            # Generated per boot outside staging/production (DESIGN §3).
+            # Generated per boot outside staging/production (docs/DESIGN.md §3).
             values[ENCLAVE_TOKEN_SEALING_KEY] = os.urandom(SEALING_KEY_BYTES)
         # Secrets the environment supplied (local): the runtime is usable without a delivery.
         self._env_supplied = any(v is not None for v in (

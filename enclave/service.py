@@ -1,4 +1,4 @@
-"""`serve`: the start-up sequence of DESIGN.md §2 and the graceful stop on SIGTERM/SIGINT.
+"""`serve`: the start-up sequence of docs/DESIGN.md §2 and the graceful stop on SIGTERM/SIGINT.
 
 1. configuration, then `preflight` (exit 2 listing every problem)  2. signing identity and
 attestation source (exit 2)  3. bind the secrets listener FIRST, then HTTP (a busy address:

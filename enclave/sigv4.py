@@ -1,4 +1,4 @@
-"""AWS Signature Version 4 for requests signed in the Authorization header (DESIGN.md section 15).
+"""AWS Signature Version 4 for requests signed in the Authorization header (docs/DESIGN.md §15).
 
 A trust core: strings, bytes and a time in, headers out; no I/O and no clock. It signs the way
 every AWS service except S3 expects: the path is normalized (dot segments and repeated slashes

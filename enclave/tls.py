@@ -1,7 +1,7 @@
 """Every TLS context the project builds, one function per role (urllib3's create_urllib3_context
 is the model), each option with the reason it is there.
 
-- mtls_client_context: the watermark service (DESIGN §5): trust ONLY the delivered CA, present
+- mtls_client_context: the watermark service (docs/DESIGN.md §5): trust ONLY the delivered CA, present
   the delivered client chain. Built once per set of certificates and never modified afterwards:
   a rotation builds a new one and swaps the reference (enclave.secretstore).
 - outbound_context: Google OAuth: the system trust store (plus a fake's CA in local/test).

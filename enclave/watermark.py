@@ -30,7 +30,7 @@ from .request import Request
 
 log = logging.getLogger(__name__)
 
-UPSTREAM_TIMEOUT_S = 10.0  # DESIGN §5: an upstream that takes longer answers 504
+UPSTREAM_TIMEOUT_S = 10.0  # docs/DESIGN.md §5: an upstream that takes longer answers 504
 
 
 class WatermarkService:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the parent instance: expose the enclave's HTTP API on TCP, THEN deliver its secrets
-# (DESIGN.md sections 4, 6 and 11; docs/ENCLAVE.md has the whole procedure).
+# (docs/DESIGN.md §4, §6 and §11; docs/ENCLAVE.md has the whole procedure).
 #
 # Usage: expose-enclave.sh [--cid CID] [--port 8181] [--listen-port 8181] [--bind 127.0.0.1]
 #                          [--secrets-port 7777] [--pid-file FILE] [--replace] [--dry-run]
@@ -11,7 +11,7 @@
 #      in the background, its pid written to --pid-file (default
 #      /tmp/enclave-forwarder-<listen-port>.pid); it is started FIRST so that the API is
 #      reachable as soon as the enclave serves (the runtime waits for its first secrets before
-#      it starts HTTP, see DESIGN.md section 2)
+#      it starts HTTP, see docs/DESIGN.md §2)
 #   3. scripts/send-secrets.sh --cid CID --port <secrets-port> SECRETS_FILE (it retries)
 #   4. waits (bounded, EXPOSE_READY_TIMEOUT seconds, default 30) for /healthz?ready=1
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sign one host -> enclave RPC with openssl and send it with curl (DESIGN.md sections 7 and 11).
+# Sign one host -> enclave RPC with openssl and send it with curl (docs/DESIGN.md §7 and §11).
 #
 #   scripts/rpc.sh POST /v1/rpc/google/token/refresh '{"sealed_refresh_token": "v1...."}'
 #   scripts/rpc.sh POST /v1/rpc/watermark @request.json

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The verification checklist against a running runtime, with curl (DESIGN.md section 11).
+# The verification checklist against a running runtime, with curl (docs/DESIGN.md §11).
 #
 # Usage: scripts/smoke.sh [BASE_URL]      (default $ENCLAVE_RUNTIME_BASE_URL or http://127.0.0.1:8181)
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole local stack in one command (DESIGN.md section 11), what `make run` calls:
+# The whole local stack in one command (docs/DESIGN.md §11), what `make run` calls:
 # dev PKI, the fake Google (HTTPS), the fake ECS watermark service (mTLS), the fake KMS, the
 # runtime in INSECURE dev-shim mode, and the secrets delivered through the secrets listener.
 #
@@ -237,7 +237,7 @@ on_exit() {
   exit "$code"
 }
 # Ctrl-C and SIGTERM are the normal way to stop: exit 0 when everything stopped in time (like
-# `serve`, DESIGN.md section 2), 1 when something had to be killed.
+# `serve`, docs/DESIGN.md §2), 1 when something had to be killed.
 on_signal() { stopping=1; echo; echo "$PROG: $1: stopping the local stack" >&2; exit 0; }
 trap on_exit EXIT
 trap 'on_signal SIGINT' INT

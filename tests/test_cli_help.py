@@ -1,5 +1,5 @@
 """`--help` on every script and every enclave.py command: usage and options, exit 0, and
-nothing else: no file created, no tool run, nothing started (DESIGN.md section 11).
+nothing else: no file created, no tool run, nothing started (docs/DESIGN.md §11).
 
 Each run happens in an empty temporary directory with stub `apt-get`, `socat`, `curl`,
 `openssl`, `nitro-cli` and `sudo` first on PATH; a stub that runs leaves a mark, which fails

@@ -230,7 +230,7 @@ class DecryptTest(unittest.TestCase):
 
     def test_cbc_is_malleable_in_the_iv_and_first_block(self):
         # Not an integrity check: such a change yields another 32-byte key, which the envelope's
-        # AES-256-GCM tag (DESIGN.md section 15 step 6) then refuses.
+        # AES-256-GCM tag (docs/DESIGN.md §15 step 6) then refuses.
         blob = seal_for(self.key.public_key(), self.data_key, chunk=None)
         parsed = parse_enveloped(blob)
         changed = bytearray(blob)

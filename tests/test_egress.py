@@ -1,4 +1,4 @@
-"""Egress routes (DESIGN.md section 10): parsing and the VSOCK/TCP connector.
+"""Egress routes (docs/DESIGN.md §10): parsing and the VSOCK/TCP connector.
 
 No AF_VSOCK socket is ever connected here: the connector's final `connect` on the AF_VSOCK socket
 is swapped for a function that checks the socket and address, closes it and dials loopback TCP.

@@ -1,4 +1,4 @@
-"""The sealed-secrets envelope (DESIGN.md section 15): round trip, tampering, malformed fields."""
+"""The sealed-secrets envelope (docs/DESIGN.md §15): round trip, tampering, malformed fields."""
 
 import base64
 import copy

@@ -1,4 +1,4 @@
-"""Google OAuth handlers (DESIGN.md section 9) called directly, against the fake Google over HTTPS.
+"""Google OAuth handlers (docs/DESIGN.md §9) called directly, against the fake Google over HTTPS.
 
 Every log record emitted while this module runs (all loggers, DEBUG) is captured; at the end no
 authorization code, token, client secret, code verifier or sealed value may appear in it.

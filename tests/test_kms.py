@@ -1,4 +1,4 @@
-"""The KMS client (DESIGN.md section 15) against the fake KMS over HTTPS on loopback, the error
+"""The KMS client (docs/DESIGN.md §15) against the fake KMS over HTTPS on loopback, the error
 mapping, credentials, the Amazon roots, and the seal-secrets command end to end."""
 
 import base64

@@ -39,7 +39,7 @@ from tests.support import keep_off_console, remember_secret, scan_later
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERFILE = ROOT / "Containerfile"
 SUBPROCESS_TIMEOUT_S = 60
-STOP_WITHIN_S = 6.0  # DESIGN: SIGTERM at any phase exits 0 within 6 s
+STOP_WITHIN_S = 6.0  # docs/DESIGN.md §2: SIGTERM at any phase exits 0 within 6 s
 RPC_SECRET = "production-boot-rpc-secret-" + "r" * 24
 SEALING_KEY_B64 = base64.b64encode(bytes(range(100, 132))).decode()
 GOOGLE_CLIENT_SECRET = "production-boot-google-client-secret"

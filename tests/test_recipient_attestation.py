@@ -1,4 +1,4 @@
-"""Recipient attestation documents (DESIGN.md section 15 step 2): a document whose public_key is
+"""Recipient attestation documents (docs/DESIGN.md §15 step 2): a document whose public_key is
 the one-shot RSA key of a KMS Decrypt, from the dev-shim and the NSM (through the fake device);
 refused by a static source; and kms.unwrap_data_key with Attestation.recipient_document against
 the fake KMS, allowed and denied by its PCR0 policy."""

@@ -1,4 +1,4 @@
-"""RPC authentication (DESIGN.md section 7): headers, formats, skew, MAC, secrets, replay cache."""
+"""RPC authentication (docs/DESIGN.md §7): headers, formats, skew, MAC, secrets, replay cache."""
 
 import json
 import unittest

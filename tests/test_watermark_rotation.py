@@ -1,4 +1,4 @@
-"""mTLS rotation under watermark RPC load, end to end (DESIGN.md §5): zero failed requests.
+"""mTLS rotation under watermark RPC load, end to end (docs/DESIGN.md §5): zero failed requests.
 
 LocalStack runs the runtime in-process with the fake mTLS watermark service. Clients are threads,
 each with its own keep-alive connection, calling the signed POST /v1/rpc/watermark in a loop while

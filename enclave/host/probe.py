@@ -1,4 +1,4 @@
-"""`probe BASE_URL`: the fail-closed start-up probe for host services (DESIGN.md section 11).
+"""`probe BASE_URL`: the fail-closed start-up probe for host services (docs/DESIGN.md §11).
 
 A host service (API, worker) runs this before it trusts the runtime. Every check below must hold;
 one line is printed per check (`ok   name` or `FAIL name: reason`) and the exit code is 0 only

@@ -1,6 +1,6 @@
 """`seal-secrets --kms-key-arn ARN [--region R] [--bundle-version N] FILE`: seal a secrets payload.
 
-Run by the operator (not the parent instance), DESIGN.md section 15: reads a section 4 payload
+Run by the operator (not the parent instance), docs/DESIGN.md §15: reads a section 4 payload
 (a JSON object), asks KMS GenerateDataKey (AES_256) for a data key bound to the envelope's
 encryption context, seals the payload with AES-256-GCM and prints the envelope JSON on stdout.
 Credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN; the region

@@ -1,6 +1,6 @@
 """Nitro attestation document verifier: bytes and a time in, a VerifiedDocument or one error out.
 
-The steps are numbered as in DESIGN.md section 8:
+The steps are numbered as in docs/DESIGN.md §8:
 (1) COSE_Sign1 structure, tagged or untagged; (2) payload field types and sizes; (3) cabundle[0]
 is a pinned root; (4) chain signatures, basicConstraints, keyUsage, validity; (5) ES384 signature
 over ["Signature1", protected, b"", payload] with the original protected bytes; (6) PCRs and the
