@@ -71,7 +71,7 @@ def run(args, environ=None, now=None) -> int:
         except (UnicodeDecodeError, ValueError):
             raise UsageError("the payload file is not UTF-8 JSON") from None
         if not isinstance(payload, dict):
-            raise UsageError("the payload must be a JSON object (DESIGN section 4 keys)")
+            raise UsageError("the payload must be a JSON object of secrets-channel keys (docs/DESIGN.md §4)")
         if envelope.BUNDLE_VERSION_FIELD in payload:
             raise UsageError("the payload must not carry bundle_version: use --bundle-version")
         credentials = kms.AwsCredentials.from_environ(environ, now=now)
