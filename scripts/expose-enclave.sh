@@ -10,8 +10,8 @@
 #   2. socat TCP-LISTEN:<listen-port>,fork,reuseaddr,bind=<bind> VSOCK-CONNECT:<cid>:<port>,
 #      in the background, its pid written to --pid-file (default
 #      /tmp/enclave-forwarder-<listen-port>.pid); it is started FIRST so that the API is
-#      reachable as soon as the enclave serves (the runtime waits for its first secrets before
-#      it starts HTTP, see docs/DESIGN.md §2)
+#      reachable as soon as the enclave serves (HTTP serves from boot: /healthz answers, RPCs
+#      answer 503 not_ready until the secrets arrive, see docs/DESIGN.md §2)
 #   3. scripts/send-secrets.sh --cid CID --port <secrets-port> SECRETS_FILE (it retries)
 #   4. waits (bounded, EXPOSE_READY_TIMEOUT seconds, default 30) for /healthz?ready=1
 #
