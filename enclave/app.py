@@ -4,6 +4,7 @@ and owns the route table of the HTTP API (docs/DESIGN.md §6)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from .config import Settings
@@ -31,6 +32,7 @@ class Runtime:
         self.closers = list(closers)  # release pooled connections and devices on stop
         self.started = time.monotonic()
         self._announced_ready = False
+        self._readiness_lock = threading.Lock()
         self._health_cache = None  # (key, status, body, state); replaced whole, never mutated
         metrics.describe("enclave_uptime_seconds", "gauge", "Seconds since the runtime started")
         metrics.gauge_fn("enclave_uptime_seconds", lambda: time.monotonic() - self.started)
@@ -59,14 +61,15 @@ class Runtime:
     def note_readiness(self) -> None:
         """Log `ready` once, the first time everything the configuration needs is usable, and
         say what is still missing until then (names only, never values)."""
-        if self._announced_ready:
-            return
-        missing = self.missing()
-        if self.ready():
-            self._announced_ready = True
-            log.info("ready: every part this configuration needs is usable")
-        elif missing:
-            log.info("not ready yet: waiting for %s", ", ".join(missing))
+        with self._readiness_lock:  # the listener thread and start-up may both call this
+            if self._announced_ready:
+                return
+            missing = self.missing()
+            if self.ready():
+                self._announced_ready = True
+                log.info("ready: every part this configuration needs is usable")
+            elif missing:
+                log.info("not ready yet: waiting for %s", ", ".join(missing))
 
     def missing(self) -> list[str]:
         """The parts the configuration needs that are not usable now (ENCLAVE_READY_REQUIRES,

@@ -370,7 +370,9 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: str | None = No
     log_sink = r.raw("ENCLAVE_LOG_SINK")
     if log_sink is not None:
         try:
-            parse_sink(log_sink)
+            if parse_sink(log_sink).family != "vsock" and strict:
+                r.problems.append(f"ENCLAVE_LOG_SINK must be vsock:CID:PORT when ALFRED_ENV={env} "
+                                  "(an enclave has no network; tcp: is for local development)")
         except LogSinkError as exc:
             r.problems.append(str(exc))
     source = r.choice("ENCLAVE_SECRETS_SOURCE", SECRETS_SOURCES, "channel")

@@ -57,7 +57,7 @@ ENVELOPE_CODES = (CODE_MALFORMED, CODE_KEY_MISMATCH, CODE_ROLLBACK, CODE_INVALID
 # Key ARNs only (no alias ARNs, no bare key ids): KMS answers the key ARN in Decrypt's KeyId,
 # and the pin is compared with it. Partitions aws, aws-cn, aws-us-gov, aws-iso...
 _KEY_ARN = re.compile(
-    r"arn:(aws[a-z-]*):kms:([a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}):([0-9]{12}):key/"
+    r"arn:(aws|aws-us-gov):kms:([a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}):([0-9]{12}):key/"
     r"((?:mrk-[0-9a-f]{32})|(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}))")
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 _BUNDLE_VERSION = re.compile(rf"0|[1-9][0-9]{{0,{MAX_BUNDLE_VERSION_DIGITS - 1}}}")

@@ -32,7 +32,7 @@ from typing import Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from . import cms, sigv4, tls
+from . import cms, sigv4, strictjson, tls
 from . import envelope as envelope_mod
 from .errors import EnclaveError
 from .outbound import OutboundError
@@ -293,7 +293,7 @@ def _short(text) -> str:
 
 def _error_from_answer(status: int, body: bytes, operation: str) -> KmsError:
     try:
-        parsed = json.loads(body.decode("utf-8"))
+        parsed = strictjson.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         parsed = None
     kms_type = parsed.get("__type") if isinstance(parsed, dict) else None
@@ -347,7 +347,7 @@ def call(operation: str, request: dict, *, credentials: AwsCredentials, region: 
     if status != 200:
         raise _error_from_answer(status, response.body, operation)
     try:
-        answer = json.loads(response.body.decode("utf-8"))
+        answer = strictjson.loads(response.body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         answer = None
     if not isinstance(answer, dict):

@@ -211,11 +211,13 @@ class SecretStore:
 
     def missing(self, parts) -> list[str]:
         """Which of `parts` (sealing_key, google_credentials, mtls; others are not the store's)
-        are not usable now. mtls needs the certificates AND the endpoint."""
+        are not usable now. mtls needs the certificates, unexpired, AND the endpoint."""
+        snapshot = self._mtls
         usable = {
             "sealing_key": self.sealing_keyring() is not None,
             "google_credentials": self.google_credentials() is not None,
-            "mtls": self._mtls.configured and self._mtls.endpoint is not None,
+            "mtls": (snapshot.configured and snapshot.endpoint is not None
+                     and (snapshot.not_after is None or snapshot.not_after > self._now())),
         }
         return [part for part in parts if part in usable and not usable[part]]
 

@@ -286,6 +286,9 @@ def _serve(settings: Settings, sink=None) -> int:
     except (EnclaveError, OSError) as exc:
         log.error("start-up failed: %s", exc)
         return 2
+    except Exception:  # a bug: its reason still goes to the log (and the log sink) before exit
+        log.exception("start-up failed unexpectedly")
+        return 2
     if sink is not None:
         metrics = running.runtime.metrics
         for name, kind, help_text, field in LOG_SINK_METRICS:

@@ -138,6 +138,7 @@ class FailClosed(unittest.TestCase):
          "GOOGLE_OAUTH_CLIENT_SECRET"),
         ("unknown readiness part", {"ENCLAVE_READY_REQUIRES": "rpc_secret,coffee"},
          "ENCLAVE_READY_REQUIRES"),
+        ("log sink over TCP", {"ENCLAVE_LOG_SINK": "tcp:127.0.0.1:9000"}, "ENCLAVE_LOG_SINK"),
         ("token URL override", {"GOOGLE_OAUTH_TOKEN_URL": "https://127.0.0.1:1/token"},
          "GOOGLE_OAUTH_TOKEN_URL"),
         ("revoke URL override", {"GOOGLE_OAUTH_REVOKE_URL": "https://127.0.0.1:1/revoke"},

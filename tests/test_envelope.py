@@ -269,10 +269,15 @@ class MalformedTest(unittest.TestCase):
     def test_other_partitions_and_multi_region_keys(self):
         for arn in ("arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/"
                     "1234abcd-12ab-34cd-56ef-1234567890ab",
-                    "arn:aws-cn:kms:cn-north-1:111122223333:key/mrk-"
+                    "arn:aws:kms:eu-west-1:111122223333:key/mrk-"
                     "1234abcd12ab34cd56ef1234567890ab"):
             with self.subTest(arn):
                 self.assertEqual(envelope.parse_key_arn(arn)[0], arn)
+        # The runtime dials kms.<region>.amazonaws.com: a partition whose KMS lives under another
+        # DNS suffix (aws-cn: amazonaws.com.cn) would always fail, so it is refused up front.
+        with self.assertRaises(EnvelopeError):
+            envelope.parse_key_arn("arn:aws-cn:kms:cn-north-1:111122223333:key/mrk-"
+                                   "1234abcd12ab34cd56ef1234567890ab")
 
 
 if __name__ == "__main__":

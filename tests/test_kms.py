@@ -216,6 +216,21 @@ class RefusalTest(KmsFixture):
         error = self.assert_code("kms_invalid_response", env)
         self.assertIn("Plaintext", error.message)
 
+    def test_an_answer_with_a_duplicate_key_is_refused(self):
+        # {"Plaintext": <key>, "Plaintext": null}: with last-wins parsing the plaintext check
+        # would see null. Duplicate keys make the whole answer untrustworthy.
+        class DuplicatePlaintext:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def request(self, method, url, body=b"", headers=None, timeout=None):
+                answer = self.inner.request(method, url, body, headers, timeout)
+                text = answer.body.decode()
+                forged = text.replace('{', '{"Plaintext": "QUFBQQ==", "Plaintext": null, ', 1)
+                return answer._replace(body=forged.encode())
+
+        self.assert_code("kms_invalid_response", transport=DuplicatePlaintext(self.transport))
+
     def test_wrong_key_id_is_refused(self):
         env = self.seal()
         self.fake.set_mode("wrong_key_id")

@@ -514,6 +514,17 @@ class StoreTest(ChannelTestCase):
         for secret in secret_strings(payload):
             self.assertNotIn(secret, json.dumps(health) + text)
 
+    def test_expired_client_certificate_is_not_ready(self):
+        issued = shared_ca().issue("enclave-client")
+        clock = Clock(dt.datetime.now(dt.timezone.utc))
+        store = self.make_store(now_fn=clock)
+        payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(issued),
+                   "ECS_WATERMARK_ENDPOINT": "https://wm.local:8443"}
+        self.assertTrue(store.deliver(self.payload(payload))["ok"])
+        self.assertEqual(store.missing(("mtls",)), [])
+        clock.now = issued.cert.not_valid_after_utc + dt.timedelta(seconds=1)
+        self.assertEqual(store.missing(("mtls",)), ["mtls"])  # readiness follows what works
+
     def test_strict_environment_has_no_sealing_key_until_delivered(self):
         store = self.make_store(settings={"env": "production"})
         self.assertIsNone(store.sealing_keyring())
