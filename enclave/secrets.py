@@ -148,6 +148,11 @@ class Busy(SecretsError):
     code = "busy"
 
 
+class Stopping(SecretsError):
+    """The runtime is stopping: a delivery still being opened is not applied."""
+    code = "stopping"
+
+
 class StorageFailed(SecretsError):
     code = "storage_failed"
 

@@ -146,8 +146,12 @@ class SecretsListener:
         self._thread.start()
         return self._thread
 
-    def shutdown(self) -> None:
-        """Stop serving: abort a delivery in progress (not applied), join, close the socket."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop serving: abort a delivery in progress (not applied), join, close the socket.
+
+        `timeout` bounds the wait for a delivery still inside a KMS call (up to its 10 s
+        deadline): past it the thread is left to finish (it is a daemon, and the store refuses
+        to apply anything once stopping)."""
         self._stopping = True
         active = self._active
         if active is not None:
@@ -158,8 +162,14 @@ class SecretsListener:
         if self._server is None:
             return
         if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
+            stopper = threading.Thread(target=self._server.shutdown, name="secrets-stop",
+                                       daemon=True)
+            stopper.start()
+            stopper.join(timeout)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("Secrets listener still busy with a delivery after %gs; not waiting",
+                            timeout)
             self._thread = None
         self._server.server_close()
         with self._lingering_lock:

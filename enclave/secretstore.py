@@ -27,7 +27,7 @@ from .sealed import BundleRollback
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
                       SEALING_KEY_BYTES, Busy, EndpointNotRoutable, InvalidCertificate,
-                      RequiredSecret, SecretsError, SecretsState, StorageFailed)
+                      RequiredSecret, SecretsError, SecretsState, Stopping, StorageFailed)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class SecretStore:
         self._lock_timeout_s = lock_timeout_s
         self._received = threading.Event()
         self.on_applied: list = []  # called (no arguments) after each accepted delivery
+        self.stopping = False  # set on SIGTERM: no delivery is applied from then on
         # ENCLAVE_SECRETS_SOURCE=kms: an enclave.sealed.SealedSecretsOpener; only sealed
         # envelopes are accepted, and the highest bundle_version applied since boot is kept.
         self._sealed = sealed
@@ -237,6 +238,8 @@ class SecretStore:
             unverified, bundle_version = secrets.parse_delivery(data), None
             if self._sealed is not None:  # ciphertext only: open it (KMS; up to its deadline)
                 unverified, bundle_version = self._sealed.open(unverified, self._bundle_version)
+            if self.stopping:  # SIGTERM while KMS answered: nothing changes on the way out
+                raise Stopping("the runtime is stopping; the delivery was not applied")
             state, changed = self.apply(unverified, bundle_version)
         except SecretsError as exc:
             return self.refuse(exc, peer)

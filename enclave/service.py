@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from .app import Runtime
@@ -108,6 +109,10 @@ def preflight(settings: Settings, now=None) -> list[str]:
     return problems
 
 
+LISTENER_STOP_S = 0.3  # a delivery in a KMS call is abandoned after this on SIGTERM
+THREAD_JOIN_S = 0.2  # all the runtime's threads together, after the drain
+
+
 @dataclass
 class Running:
     """A started runtime (used by `serve` and by tests that run it in-process)."""
@@ -118,12 +123,17 @@ class Running:
     threads: list
 
     def stop(self) -> bool:
+        """Stop within the 6 s the design allows: no delivery applies from now on, the secrets
+        listener gets LISTENER_STOP_S (a sealed delivery may be inside a KMS call), then HTTP
+        drains in-flight requests (bounded)."""
+        self.runtime.store.stopping = True
+        self.listener.shutdown(timeout=LISTENER_STOP_S)
         clean = self.http.drain()
-        self.listener.shutdown()
         if clean:  # requests still running after the drain keep their devices and pools
             self.runtime.close()
+        deadline = time.monotonic() + THREAD_JOIN_S
         for thread in self.threads:
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         return clean
 
 

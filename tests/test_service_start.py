@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 from dataclasses import replace
@@ -142,3 +143,46 @@ class BusyAddresses(TempState):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class StopDuringASealedDelivery(TempState):
+    """SIGTERM while a sealed delivery is inside its KMS call (up to 10 s): the runtime stops
+    within the design's 6 s, and the delivery, when KMS answers later, is not applied."""
+
+    def test_stop_is_bounded_and_nothing_is_applied(self):
+        entered, release = threading.Event(), threading.Event()
+
+        class SlowOpener:  # stands in for enclave.sealed.SealedSecretsOpener: KMS is slow
+            def open(self, delivery, last_bundle_version):
+                entered.set()
+                release.wait(SUBPROCESS_TIMEOUT_S)
+                return {"GOOGLE_OAUTH_CLIENT_ID": "applied-too-late"}, 1
+
+        running = service.start(self.base)
+        self.addCleanup(release.set)
+        store = running.runtime.store
+        store._sealed = SlowOpener()
+        port = running.listener.address.port
+        sender = threading.Thread(target=self._send, args=(port,), daemon=True)
+        sender.start()
+        self.assertTrue(entered.wait(SUBPROCESS_TIMEOUT_S))
+        started = time.monotonic()
+        running.stop()
+        self.assertLess(time.monotonic() - started, 6.0)  # the design's bound after SIGTERM
+        release.set()  # KMS answers after the stop
+        sender.join(SUBPROCESS_TIMEOUT_S)
+        for thread in threading.enumerate():
+            if thread.name.startswith("secrets"):
+                thread.join(SUBPROCESS_TIMEOUT_S)
+        self.assertEqual(store.version, 0)
+        self.assertIsNone(store.current().get("GOOGLE_OAUTH_CLIENT_ID"))
+
+    @staticmethod
+    def _send(port: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=SUBPROCESS_TIMEOUT_S) as s:
+                s.sendall(b'{"SEALED_SECRETS": {}}')
+                s.shutdown(socket.SHUT_WR)
+                s.recv(4096)
+        except OSError:
+            pass  # the listener may close without an ack while stopping
