@@ -7,16 +7,23 @@ speaks the real ioctl CBOR, documents signed by a test root) comes up NOT ready,
 with 503 not_ready naming what is missing, becomes ready on one secrets delivery, passes
 `probe --require-attestation --root <test root> --pcr 0=...`, binds its per-boot key in every
 document, and gets a different key after a restart.
+
+The image takes only SEALED deliveries (ENCLAVE_SECRETS_SOURCE=kms). Its KMS is the fake KMS,
+reached the production way: the image's own egress route for kms.us-east-1.amazonaws.com:443,
+whose final AF_VSOCK connect alone is swapped for loopback TCP, with TLS checked for that host
+name against a test CA standing in for the bundled Amazon roots.
 """
 
 import base64
 import contextlib
+import datetime as dt
 import io
 import json
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,11 +33,13 @@ import urllib.request
 from pathlib import Path
 from unittest import mock
 
-from enclave import cli, egress, nsm
+from enclave import cli, egress, envelope, kms, nsm, tls
 from enclave.config import load_settings
+from enclave.outbound import OutboundClient
 from enclave.nitro import AT_DOCUMENT_TIME, Verifier
 from enclave.rpcauth import new_nonce, sign_request
 from enclave.service import start
+from tests.fakes.fake_kms import FakeKms
 from tests.fakes.fake_nsm import FakeNsm, make_test_root
 from tests.fakes.pki import TestCA
 from tests.stack import send_secrets
@@ -126,6 +135,10 @@ class TheImageEnvironment(unittest.TestCase):
                 self.assertNotIn(value, proc.stderr + proc.stdout)
 
 
+FAKE_NSM_PCR0 = bytes([1]) * 48  # tests/fakes/fake_nsm.py: PCRn is bytes([n + 1]) * 48
+KMS_ROUTE_VSOCK = (3, 8002)  # the image's route for kms.us-east-1.amazonaws.com:443
+
+
 class BootCase(unittest.TestCase):
     """Boots the runtime from the image's configuration on a fake NSM; helpers to talk to it."""
 
@@ -136,11 +149,33 @@ class BootCase(unittest.TestCase):
         cls.root_pem = Path(cls._tmp.name) / "test-root.pem"
         cls.root_pem.write_bytes(cls.root.cert_pem)
         cls.ca = TestCA("Production Boot Test CA")
+        cls.ca_file = cls.ca.write(cls._tmp.name, "ca")
         cls.client = cls.ca.issue("enclave-client-1")
+        image = image_environment()
+        cls.key_arn, cls.region = envelope.parse_key_arn(image["ENCLAVE_KMS_KEY_ARN"])
+        kms_host = f"kms.{cls.region}.amazonaws.com"
+        server = cls.ca.issue(kms_host, server=True, hosts=(kms_host, "127.0.0.1"))
+        cert, key = server.write(cls._tmp.name, "kms")
+        account, key_id = cls.key_arn.split(":")[4], cls.key_arn.rsplit("/", 1)[1]
+        # Its key policy: documents from the test root, the fake NSM's PCR0 only.
+        cls.fake_kms = FakeKms(attestation_roots=[cls.root.cert_der],
+                               allowed_pcr0=[FAKE_NSM_PCR0], region=cls.region, account=account,
+                               key_id=key_id, cert_file=cert, key_file=key).start()
+        assert cls.fake_kms.key_arn == cls.key_arn
+        cls.sealer = OutboundClient(context=tls.pinned_roots_context(ca_file=cls.ca_file))
+        cls.bundle_version = 0
 
     @classmethod
     def tearDownClass(cls):
+        cls.sealer.close()
+        cls.fake_kms.stop()
         cls._tmp.cleanup()
+
+    def _kms_over_the_route(self, sock, address):
+        """The final connect of the image's KMS route, to the fake on loopback (nothing else)."""
+        self.assertEqual(address, KMS_ROUTE_VSOCK, "only the KMS route is used in these tests")
+        sock.close()
+        return socket.create_connection(("127.0.0.1", self.fake_kms.port), timeout=10)
 
     def boot(self, **extra_env):
         """A runtime started in-process from the image environment; (running, fake NSM)."""
@@ -153,15 +188,15 @@ class BootCase(unittest.TestCase):
                "ENCLAVE_STATE_DIR": os.path.join(state.name, "state"), **extra_env}
         env.pop("ENCLAVE_LOG_SINK", None)  # the parent's log receiver: not on this machine
         settings = load_settings(env)
-        # The image's egress routes point at the parent (CID 3), which is not here: any attempt
-        # to use one fails the test instead of dialling out.
-        guard = mock.patch.object(egress, "_vsock_connect",
-                                  side_effect=AssertionError("no VSOCK connect in tests"))
-        guard.start()
-        self.addCleanup(guard.stop)
+        # The image's egress routes point at the parent (CID 3), which is not here: the KMS route
+        # reaches the fake KMS on loopback, any other route fails the test.
+        route = mock.patch.object(egress, "_vsock_connect", self._kms_over_the_route)
+        route.start()
+        self.addCleanup(route.stop)
         real_device = nsm.NsmDevice
         with mock.patch.object(nsm, "NsmDevice",
-                               lambda path: real_device(fake.device_path, ioctl=fake.ioctl)):
+                               lambda path: real_device(fake.device_path, ioctl=fake.ioctl)), \
+                mock.patch.object(kms, "amazon_roots_pem", lambda: self.ca.cert_pem.decode()):
             running = start(settings)
         self.addCleanup(running.stop)
         return running, fake
@@ -193,8 +228,26 @@ class BootCase(unittest.TestCase):
         payload.update(extra)
         return payload
 
+    def seal(self, payload: dict) -> dict:
+        """What the operator's seal-secrets makes: the payload sealed under the image's key."""
+        type(self).bundle_version += 1
+        version = type(self).bundle_version
+        context = {"purpose": envelope.PURPOSE, "bundle_version": str(version)}
+        now = dt.datetime.now(dt.timezone.utc)
+        credentials = kms.AwsCredentials.from_delivery(self.fake_kms.credentials(), now=now)
+        data_key = kms.generate_data_key(self.key_arn, context, credentials=credentials,
+                                         region=self.region, transport=self.sealer,
+                                         endpoint=self.fake_kms.url, now=now)
+        remember_secret(data_key.plaintext, kind="data key")
+        return envelope.seal(payload, kms_key_arn=self.key_arn, bundle_version=version,
+                             data_key=data_key.plaintext,
+                             encrypted_data_key=data_key.ciphertext_blob, nonce=os.urandom(12))
+
     def deliver(self, running, payload) -> dict:
-        return send_secrets(running.listener.address.port, json.dumps(payload).encode())
+        """A sealed delivery, as send-secrets.sh --kms makes it on the parent."""
+        delivery = {"SEALED_SECRETS": self.seal(payload),
+                    "AWS_CREDENTIALS": self.fake_kms.credentials(), "AWS_REGION": self.region}
+        return send_secrets(running.listener.address.port, json.dumps(delivery).encode())
 
 
 class ProductionBoot(BootCase):
@@ -225,10 +278,19 @@ class ProductionBoot(BootCase):
         status, answer = self.call(running, "POST", "/v1/rpc/watermark", b"{}", RPC_SECRET)
         self.assertEqual((status, answer["error"]["missing"]), (503, ["mtls"]))
 
+        # The parent holds plaintext? The image refuses it: only sealed envelopes open here.
+        plain = send_secrets(running.listener.address.port,
+                             json.dumps({"ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET}).encode())
+        self.assertEqual((plain["ok"], plain["error"]["code"]), (False, "plaintext_refused"))
+
+        decrypts = sum(1 for operation, _ in self.fake_kms.calls if operation == "Decrypt")
         ack = self.deliver(running, self.delivery())
         self.assertTrue(ack["ok"], ack)
+        self.assertEqual(sum(1 for op, _ in self.fake_kms.calls if op == "Decrypt"), decrypts + 1)
         status, health = self.call(running, "GET", "/healthz?ready=1")
         self.assertEqual((status, health["ready"], health["missing"]), (200, True, []))
+        self.assertEqual((health["secrets"]["source"], health["secrets"]["bundle_version"]),
+                         ("kms", type(self).bundle_version))
         # Past readiness, an RPC reaches its handler (this body is refused as invalid).
         status, answer = self.call(running, "POST", "/v1/rpc/google/token/refresh", b"{}",
                                    RPC_SECRET)
