@@ -46,6 +46,16 @@ def missing_package(exc: ImportError) -> str | None:
     return next((name for name in REQUIRED_PACKAGES if name in parts), None)
 
 
+def _carried(module_name: str) -> bool:
+    """Whether this build holds the module's source (dist/enclave.pyz leaves host tools out)."""
+    import importlib.resources  # here: only a failed host-command import needs it
+    package, _, name = module_name.rpartition(".")
+    try:
+        return importlib.resources.files(package).joinpath(f"{name}.py").is_file()
+    except (ModuleNotFoundError, TypeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -82,8 +92,8 @@ def _main(argv: list[str] | None) -> int:
             try:
                 modules[name] = importlib.import_module(module_name)
             except ModuleNotFoundError as exc:
-                if exc.name != module_name:
-                    raise
+                if exc.name != module_name or _carried(module_name):
+                    raise  # a real import problem, not a build without host tools
                 print(f"enclave: '{name}' is a host command and this build does not carry it "
                       "(dist/enclave.pyz is the enclave image's: the runtime only); use "
                       "dist/enclave-host.pyz or python3 enclave.py", file=sys.stderr)
