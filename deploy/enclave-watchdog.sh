@@ -52,10 +52,11 @@ esac
 [ "$#" -eq 0 ] || { usage_line >&2; exit 2; }
 
 # The syslog level prefix only when stderr is the journal stream systemd connected
-# (systemd.exec(5), $JOURNAL_STREAM); a terminal sees plain lines.
+# (systemd.exec(5), $JOURNAL_STREAM); a terminal sees plain lines. The shell's own fd 2
+# (/proc/$$), not stat's, whose stderr is /dev/null here.
 to_journal=0
 if [ -n "${JOURNAL_STREAM:-}" ] \
-    && [ "$(stat -L -c '%d:%i' /proc/self/fd/2 2>/dev/null || true)" = "$JOURNAL_STREAM" ]; then
+    && [ "$(stat -L -c "%d:%i" "/proc/$$/fd/2" 2>/dev/null || true)" = "$JOURNAL_STREAM" ]; then
   to_journal=1
 fi
 say() {  # say LEVEL MESSAGE...
