@@ -9,6 +9,11 @@
   project script they run present and executable in the repository, every enclave-* unit they
   name present, no --debug-mode, the timer's service re-startable (oneshot without
   RemainAfterExit, systemd.timer(5));
+- supervision: the enclave unit (nitro-cli run-enclave, RemainAfterExit=yes) is watched by a
+  timer-started oneshot running enclave-watchdog.sh (After= the enclave unit, a longer start
+  timeout), and it Wants= the secrets delivery, which is After= and PartOf= it (re-delivered on
+  every restart) and has a timer of its own (fresh credentials); user-data.sh enables every
+  timer;
 - user-data.sh and fetch-envelope.sh never handle the plaintext secrets file;
 - with --systemd: `systemd-analyze verify` on the units (skipped when it is not installed),
   with a stub for nitro-enclaves-allocator.service; commands that exist only on a parent
@@ -39,6 +44,11 @@ PLAINTEXT_KEYS = ("ENCLAVE_RPC_SHARED_SECRET", "ENCLAVE_TOKEN_SEALING_KEY",
                   "GOOGLE_OAUTH_CLIENT_SECRET", "MTLS_CLIENT_CERT_JSON")
 VAR_RE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 SYSTEMD_VERIFY_TIMEOUT_S = 60
+WATCHDOG_SCRIPT = "enclave-watchdog.sh"
+DELIVERY_SCRIPT = "send-secrets.sh"
+TIME_UNITS_S = {"": 1, "s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60,
+                "minute": 60, "minutes": 60, "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600}
+TIME_RE = re.compile(r"(\d+)\s*([a-z]*)")
 
 
 def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
@@ -201,6 +211,97 @@ def check_units(deploy: Path, env: dict, problems: list) -> None:
                 problems.append(f"{where}: needs [Install] WantedBy=timers.target")
 
 
+def seconds(value: str) -> float | None:
+    """A systemd time span ("300", "5min", "1min 30s") in seconds; None if not one."""
+    total, rest = 0, value.strip().lower()
+    if not rest or rest == "infinity":
+        return None
+    for match in TIME_RE.finditer(rest):
+        if match.group(2) not in TIME_UNITS_S:
+            return None
+        total += int(match.group(1)) * TIME_UNITS_S[match.group(2)]
+    if TIME_RE.sub("", rest).strip():
+        return None
+    return total
+
+
+def check_supervision(deploy: Path, problems: list) -> None:
+    """The enclave is watched and every (re)start re-delivers (the reviewer's finding: a oneshot
+    with RemainAfterExit stays "active" after its enclave exits)."""
+    unit_dir = deploy / "systemd"
+    units = {}
+    for path in sorted(unit_dir.iterdir()):
+        try:
+            units[path.name] = parse_unit(path.read_text())
+        except ValueError:
+            continue  # reported by check_units
+
+    def runs(unit, needle):
+        return any(needle in v for v in values(unit, "Service", "ExecStart"))
+
+    def named(value_lists):
+        return {name for value in value_lists for name in value.split()}
+
+    enclaves = [n for n, u in units.items() if runs(u, "nitro-cli run-enclave")]
+    if len(enclaves) != 1:
+        problems.append(f"systemd: expected one unit running nitro-cli run-enclave, got {enclaves}")
+        return
+    enclave = enclaves[0]
+    timers = {values(u, "Timer", "Unit")[0] if values(u, "Timer", "Unit")
+              else n.rsplit(".", 1)[0] + ".service": n
+              for n, u in units.items() if n.endswith(".timer")}
+
+    watchdogs = [n for n, u in units.items() if runs(u, WATCHDOG_SCRIPT)]
+    if "yes" in values(units[enclave], "Service", "RemainAfterExit"):
+        if not watchdogs:
+            problems.append(f"systemd/{enclave}: stays active after its enclave exits "
+                            f"(RemainAfterExit=yes) and no unit runs {WATCHDOG_SCRIPT}: nothing "
+                            "would restart it")
+        elif not any(w in timers for w in watchdogs):
+            problems.append(f"systemd: no timer starts {' '.join(watchdogs)}")
+        if not (deploy / WATCHDOG_SCRIPT).is_file():
+            problems.append(f"{WATCHDOG_SCRIPT} is missing")
+    enclave_timeout = seconds((values(units[enclave], "Service", "TimeoutStartSec") or ["90"])[0])
+    for name in watchdogs:
+        unit = units[name]
+        if enclave not in named(values(unit, "Unit", "After")):
+            problems.append(f"systemd/{name}: needs After={enclave} (never judge an enclave "
+                            "that is still starting)")
+        timeout = seconds((values(unit, "Service", "TimeoutStartSec") or ["90"])[0])
+        if timeout is None or enclave_timeout is None or timeout <= enclave_timeout:
+            problems.append(f"systemd/{name}: TimeoutStartSec= must exceed {enclave}'s "
+                            f"({enclave_timeout} s): its restart waits for nitro-cli run-enclave")
+
+    deliveries = [n for n, u in units.items() if runs(u, DELIVERY_SCRIPT)]
+    if not deliveries:
+        problems.append(f"systemd: no unit runs {DELIVERY_SCRIPT}")
+    for name in deliveries:
+        unit = units[name]
+        if name not in named(values(units[enclave], "Unit", "Wants")
+                             + values(units[enclave], "Unit", "Requires")):
+            problems.append(f"systemd/{enclave}: needs Wants={name} (a restarted enclave "
+                            "gets its secrets again)")
+        if enclave not in named(values(unit, "Unit", "After")):
+            problems.append(f"systemd/{name}: needs After={enclave} (deliver once the enclave "
+                            "runs)")
+        if enclave not in named(values(unit, "Unit", "PartOf")):
+            problems.append(f"systemd/{name}: needs PartOf={enclave} (a restart of the enclave "
+                            "restarts a delivery under way)")
+        if name not in timers:
+            problems.append(f"systemd: no timer starts {name} (each delivery carries fresh "
+                            "instance credentials)")
+
+    try:
+        user_data = (deploy / "user-data.sh").read_text()
+    except OSError:
+        return
+    enabled = " ".join(line for line in user_data.splitlines()
+                       if not line.lstrip().startswith("#") and "systemctl enable" in line)
+    for timer in sorted(timers.values()):
+        if timer not in enabled.split():
+            problems.append(f"user-data.sh: does not enable {timer} (systemctl enable --now)")
+
+
 def check_no_plaintext(deploy: Path, problems: list) -> None:
     for name in ("user-data.sh", "fetch-envelope.sh"):
         text = (deploy / name).read_text()
@@ -265,6 +366,7 @@ def main(argv=None) -> int:
     check_allocator(deploy, env, problems)
     check_allowlist(deploy, problems)
     check_units(deploy, env, problems)
+    check_supervision(deploy, problems)
     check_no_plaintext(deploy, problems)
     if args.systemd:
         more, notes = systemd_verify(deploy)

@@ -79,8 +79,10 @@ ENCLAVE_ENVELOPE_PATH=/var/lib/enclave/sealed-envelope.json \
   "$INSTALL_DIR/deploy/fetch-envelope.sh" "$ENVELOPE_SOURCE"
 
 # 7. start: log receiver and vsock-proxies first, then the enclave, the forwarder and the
-#    delivery (enclave.service wants them all); the timer re-delivers every 30 minutes
+#    delivery (enclave.service wants them all); enclave-secrets.timer re-delivers every 30
+#    minutes, enclave-watchdog.timer restarts an enclave that exited (every 30 s)
 systemctl daemon-reload
-systemctl enable --now enclave.service enclave-secrets.timer
+systemctl enable --now enclave.service enclave-secrets.timer enclave-watchdog.timer
 log "enclave started; its logs: journalctl -t enclave;" \
-    "its deliveries: systemctl status enclave-secrets"
+    "its deliveries: systemctl status enclave-secrets;" \
+    "its restarts: journalctl -u enclave-watchdog"

@@ -1,6 +1,7 @@
 """The parent automation in deploy/: no drift between the one route list, the generated files
 and the Containerfile; the structural checks of `make check-deploy`; fetch-envelope.sh refusing
-plaintext. Nothing here touches systemd, nitro-cli, AWS or the network."""
+plaintext; enclave-watchdog.sh's decisions (against stub nitro-cli and systemctl). Nothing here
+touches systemd, nitro-cli, AWS or the network."""
 
 import json
 import os
@@ -21,6 +22,7 @@ DEPLOY = ROOT / "deploy"
 GENERATE = DEPLOY / "generate.py"
 CHECK = DEPLOY / "check.py"
 FETCH = DEPLOY / "fetch-envelope.sh"
+WATCHDOG = DEPLOY / "enclave-watchdog.sh"
 TIMEOUT_S = 60
 
 
@@ -229,6 +231,12 @@ class StructuralCheckTest(DeployCopy):
                 path.write_text(text.replace(old, new, 1))
             return apply
 
+        def remove(*rels):
+            def apply(deploy):
+                for rel in rels:
+                    (deploy / rel).unlink()
+            return apply
+
         cases = [
             ("timer service stays active", edit("systemd/enclave-secrets.service",
                                                 "Type=oneshot\n",
@@ -255,6 +263,28 @@ class StructuralCheckTest(DeployCopy):
              "handles ENCLAVE_RPC_SHARED_SECRET"),
             ("allow-list shape", edit("vsock-proxy.yaml", "- {address: ", "- address: "),
              "vsock-proxy.yaml: unexpected line"),
+            ("nothing watches the enclave", remove("systemd/enclave-watchdog.service",
+                                                   "systemd/enclave-watchdog.timer"),
+             "no unit runs enclave-watchdog.sh: nothing would restart it"),
+            ("watchdog without its timer", remove("systemd/enclave-watchdog.timer"),
+             "no timer starts enclave-watchdog.service"),
+            ("watchdog not ordered after the enclave",
+             edit("systemd/enclave-watchdog.service", "After=enclave.service\n", ""),
+             "enclave-watchdog.service: needs After=enclave.service"),
+            ("watchdog gives up before run-enclave does",
+             edit("systemd/enclave-watchdog.service", "TimeoutStartSec=300", "TimeoutStartSec=2min"),
+             "TimeoutStartSec= must exceed enclave.service's (180 s)"),
+            ("restart does not re-deliver",
+             edit("systemd/enclave.service", " enclave-secrets.service\n", "\n"),
+             "enclave.service: needs Wants=enclave-secrets.service"),
+            ("in-flight delivery not restarted",
+             edit("systemd/enclave-secrets.service", "PartOf=enclave.service\n", ""),
+             "enclave-secrets.service: needs PartOf=enclave.service"),
+            ("no credential refresh", remove("systemd/enclave-secrets.timer"),
+             "no timer starts enclave-secrets.service"),
+            ("user-data leaves the watchdog off", edit("user-data.sh", " enclave-watchdog.timer\n",
+                                                       "\n"),
+             "user-data.sh: does not enable enclave-watchdog.timer"),
         ]
         for name, mutate, expected in cases:
             with self.subTest(name):
@@ -273,7 +303,8 @@ class StructuralCheckTest(DeployCopy):
 
     def test_help(self):
         for argv in ([sys.executable, str(GENERATE)], [sys.executable, str(CHECK)],
-                     ["bash", str(FETCH)], ["bash", str(DEPLOY / "user-data.sh")]):
+                     ["bash", str(FETCH)], ["bash", str(DEPLOY / "user-data.sh")],
+                     ["bash", str(WATCHDOG)]):
             with self.subTest(argv[-1]):
                 proc = run(*argv, "--help")
                 self.assertEqual(proc.returncode, 0, proc.stderr)
@@ -344,6 +375,151 @@ class FetchEnvelopeTest(unittest.TestCase):
         proc = self.fetch(ENCLAVE_ENVELOPE_SOURCE="")
         self.assertEqual(proc.returncode, 0)
         self.assertIn("nothing to fetch", proc.stderr)
+
+
+class WatchdogTest(unittest.TestCase):
+    """enclave-watchdog.sh with a stub `nitro-cli` and a stub `systemctl` first on PATH: each
+    records its arguments; the stub describe-enclaves prints $STUB_DESCRIBE (or fails), and the
+    stub systemctl answers is-active with $STUB_STATE and restart with $STUB_RESTART_RC."""
+
+    NAME, CID = "enclave-runtime", 16
+    STUB = """#!/bin/sh
+echo "$(basename "$0") $*" >>"$STUB_CALLS"
+case "$(basename "$0") $1" in
+  "nitro-cli describe-enclaves")
+    [ -n "${STUB_NITRO_FAIL:-}" ] && { echo "E39 socket error" >&2; exit 1; }
+    printf '%s\\n' "$STUB_DESCRIBE" ;;
+  "systemctl is-active")
+    echo "$STUB_STATE"; [ "$STUB_STATE" = active ] || exit 3 ;;
+  "systemctl restart")
+    exit "${STUB_RESTART_RC:-0}" ;;
+  *) echo "unexpected call: $0 $*" >&2; exit 64 ;;
+esac
+"""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="watchdog-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = Path(tmp.name)
+        for name in ("nitro-cli", "systemctl"):
+            path = self.dir / name
+            path.write_text(self.STUB)
+            path.chmod(0o755)
+        self.calls = self.dir / "calls"
+
+    def enclave(self, **fields):
+        entry = {"EnclaveName": self.NAME, "EnclaveID": "i-0123456789abcdef0-enc0123456789abcdef",
+                 "ProcessID": 4242, "EnclaveCID": self.CID, "NumberOfCPUs": 2,
+                 "CPUIDs": [1, 3], "MemoryMiB": 1536, "State": "RUNNING", "Flags": "NONE"}
+        entry.update(fields)
+        return {k: v for k, v in entry.items() if v is not None}
+
+    def watchdog(self, enclaves=(), *args, state="active", describe=None, **env_extra):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("ENCLAVE_", "STUB_")) and k != "JOURNAL_STREAM"}
+        env.update(PATH=f"{self.dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+                   ENCLAVE_NAME=self.NAME, ENCLAVE_CID=str(self.CID), STUB_CALLS=str(self.calls),
+                   STUB_STATE=state,
+                   STUB_DESCRIBE=json.dumps(list(enclaves)) if describe is None else describe)
+        env.update(env_extra)
+        self.calls.write_text("")
+        return run("bash", str(WATCHDOG), *args, env=env)
+
+    def called(self) -> list[str]:
+        return self.calls.read_text().splitlines()
+
+    def restarts(self) -> list[str]:
+        return [c for c in self.called() if c.startswith("systemctl restart")]
+
+    def test_running_enclave_is_left_alone(self):
+        for name, enclaves in [("ours", [self.enclave()]),
+                               ("ours among others", [self.enclave(EnclaveName="other",
+                                                                   EnclaveCID=17),
+                                                      self.enclave()]),
+                               ("older nitro-cli without EnclaveName",
+                                [self.enclave(EnclaveName=None)])]:
+            with self.subTest(name):
+                proc = self.watchdog(enclaves)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertEqual(self.called(), ["systemctl is-active enclave.service",
+                                                 "nitro-cli describe-enclaves"])
+
+    def test_gone_enclave_is_restarted_once(self):
+        cases = [("empty list", [], "no enclave at all"),
+                 ("terminating", [self.enclave(State="TERMINATING")], "State TERMINATING"),
+                 ("another CID (started by hand)", [self.enclave(EnclaveCID=17)],
+                  "EnclaveCID 17"),
+                 ("another enclave on our CID", [self.enclave(EnclaveName="intruder")],
+                  "intruder (EnclaveCID 16, State RUNNING)")]
+        for name, enclaves, listed in cases:
+            with self.subTest(name):
+                proc = self.watchdog(enclaves)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertEqual(self.restarts(), ["systemctl restart enclave.service"])
+                self.assertIn(f"no enclave {self.NAME} with CID {self.CID} is RUNNING", proc.stderr)
+                self.assertIn(listed, proc.stderr)
+                self.assertIn("enclave.service restarted", proc.stderr)
+
+    def test_unit_state_decides_whether_to_look(self):
+        for state, restarted in [("failed", True), ("inactive", False), ("activating", False),
+                                 ("deactivating", False)]:
+            with self.subTest(state):
+                proc = self.watchdog([self.enclave()], state=state)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertEqual(self.restarts(),
+                                 ["systemctl restart enclave.service"] if restarted else [])
+                # a stopped or starting unit is never second-guessed with nitro-cli
+                self.assertNotIn("nitro-cli describe-enclaves", self.called())
+
+    def test_unreadable_answers_restart_nothing(self):
+        for name, extra in [("nitro-cli fails", {"STUB_NITRO_FAIL": "1"}),
+                            ("not JSON", {"describe": "Error: something"}),
+                            ("not a list", {"describe": '{"State": "RUNNING"}'})]:
+            with self.subTest(name):
+                proc = self.watchdog([], **extra)
+                self.assertEqual(proc.returncode, 1, proc.stderr)
+                self.assertEqual(self.restarts(), [])
+                self.assertIn("restarting nothing", proc.stderr)
+
+    def test_failed_restart_and_dry_run(self):
+        proc = self.watchdog([], STUB_RESTART_RC="1")
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(len(self.restarts()), 1)
+        self.assertIn("systemctl restart enclave.service failed: journalctl -u enclave.service",
+                      proc.stderr)
+        proc = self.watchdog([], "--dry-run")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(self.restarts(), [])
+        self.assertIn("would run systemctl restart enclave.service", proc.stderr)
+
+    def test_settings_and_usage(self):
+        proc = self.watchdog([], ENCLAVE_CID="sixteen")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("ENCLAVE_CID", proc.stderr)
+        self.assertEqual(self.called(), [])
+        self.assertEqual(self.watchdog([], "--now").returncode, 2)
+        proc = self.watchdog([], ENCLAVE_WATCHDOG_UNIT="other.service")
+        self.assertEqual(self.restarts(), ["systemctl restart other.service"])
+
+    def test_journal_lines_carry_a_level_only_for_the_journal(self):
+        proc = self.watchdog([])
+        self.assertTrue(proc.stderr.startswith("enclave-watchdog.sh: "), proc.stderr)
+        proc = self.watchdog([], JOURNAL_STREAM="1:2")  # not this stderr: no prefix either
+        self.assertNotIn("<4>", proc.stderr)
+        # stderr is the stream named by $JOURNAL_STREAM (as under systemd): syslog levels
+        log = self.dir / "journal"
+        with open(log, "w") as stream:
+            info = os.fstat(stream.fileno())
+            env = {k: v for k, v in os.environ.items() if not k.startswith("ENCLAVE_")}
+            env.update(PATH=f"{self.dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+                       ENCLAVE_NAME=self.NAME, ENCLAVE_CID=str(self.CID), STUB_STATE="active",
+                       STUB_DESCRIBE="[]", STUB_CALLS=str(self.calls),
+                       JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
+            subprocess.run(["bash", str(WATCHDOG)], stdout=subprocess.DEVNULL, stderr=stream,
+                           env=env, timeout=TIMEOUT_S, check=True)
+        lines = log.read_text().splitlines()
+        self.assertTrue(lines and all(line.startswith("<4>enclave-watchdog.sh: ")
+                                      for line in lines), lines)
 
 
 if __name__ == "__main__":
