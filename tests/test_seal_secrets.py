@@ -1,5 +1,7 @@
 """`enclave.py seal-secrets` (docs/DESIGN.md §15, docs/ENCLAVE.md §6): the standard AWS
-environment (endpoint, CA bundle), the strict payload and the runtime's validator as a dry run."""
+environment (endpoint, CA bundle), the strict payload and the runtime's validator as a dry run,
+and the AWS CLI recipe of docs/ENCLAVE.md, followed step by step against the fake KMS, making an
+envelope the enclave opens."""
 
 from __future__ import annotations
 
@@ -230,6 +232,112 @@ class PayloadCheckTest(SealFixture):
         for value in PAYLOAD.values():
             self.assertNotIn(value, out)
         self.assert_opens(json.loads(out), payload, version=11)
+
+
+class AwsCliRecipeTest(SealFixture):
+    """docs/ENCLAVE.md §6 "Sealing without this repository": GenerateDataKey as the AWS CLI
+    asks it, then AES-256-GCM with the documented AAD. The enclave must open the result, so
+    the recipe cannot drift from enclave/envelope.py."""
+
+    VERSION = 42
+
+    def cli_generate_data_key(self, version: int) -> dict:
+        """`aws kms generate-data-key --key-id ARN --key-spec AES_256 --encryption-context
+        purpose=enclave-secrets/v1,bundle_version=N --output json`: the same request, and the
+        answer the CLI prints (the JSON of KMS's answer, blobs in base64)."""
+        answer = kms.call("GenerateDataKey",
+                          {"KeyId": self.fake.key_arn, "KeySpec": "AES_256",
+                           "EncryptionContext": {"purpose": "enclave-secrets/v1",
+                                                 "bundle_version": str(version)}},
+                          credentials=self.credentials(), region=REGION,
+                          transport=self.transport, endpoint=self.fake.url, now=utcnow())
+        remember_secret(answer["Plaintext"], base64.b64decode(answer["Plaintext"]),
+                        kind="recipe data key")
+        return answer
+
+    def test_envelope_built_by_hand_following_the_recipe(self):
+        version = self.VERSION
+        # (1) GenerateDataKey, no Recipient: the data key and its CiphertextBlob.
+        context = {"purpose": "enclave-secrets/v1", "bundle_version": str(version)}
+        data_key = kms.generate_data_key(self.fake.key_arn, context,
+                                         credentials=self.credentials(), region=REGION,
+                                         transport=self.transport, endpoint=self.fake.url,
+                                         now=utcnow())
+        remember_secret(data_key.plaintext, kind="recipe data key")
+        # (2) the plaintext: the payload plus "bundle_version": N (an integer)
+        plaintext = json.dumps(dict(PAYLOAD, bundle_version=version)).encode("utf-8")
+        # (3) the AAD, exactly as documented
+        aad = json.dumps({"v": 1, "kms_key_arn": self.fake.key_arn,
+                          "encryption_context": context},
+                         sort_keys=True, separators=(",", ":"), ensure_ascii=True
+                         ).encode("ascii")
+        # (4) AES-256-GCM, a 12-byte random nonce; the tag is appended to the ciphertext
+        nonce = os.urandom(12)
+        ciphertext = AESGCM(data_key.plaintext).encrypt(nonce, plaintext, aad)
+        b64 = (lambda raw: base64.b64encode(raw).decode("ascii"))
+        envelope_obj = {"v": 1, "kms_key_arn": self.fake.key_arn,
+                        "encryption_context": context,
+                        "encrypted_data_key": b64(data_key.ciphertext_blob),
+                        "nonce": b64(nonce), "ciphertext": b64(ciphertext)}
+
+        parsed = envelope.parse(json.loads(json.dumps(envelope_obj)))
+        self.assertEqual(parsed.aad, aad)
+        self.assertEqual(envelope.open(parsed, data_key.plaintext), PAYLOAD)
+        self.assert_opens(envelope_obj, version=version)  # and KMS's way, with a Recipient
+
+    def recipe_snippet(self) -> str:
+        """The Python program of the documented `python3 -c '...'` step."""
+        text = ENCLAVE_DOC.read_text()
+        section = text[text.index("### Sealing without this repository"):]
+        match = re.search(r"python3 -c '\n(.*?)\n' ", section, re.S)
+        self.assertIsNotNone(match, "docs/ENCLAVE.md: no python3 -c '...' recipe step")
+        program = match.group(1)
+        self.assertNotIn("'", program)  # it sits inside single quotes in the shell
+        return program
+
+    def test_the_documented_snippet_runs_and_the_enclave_opens_its_envelope(self):
+        program = self.recipe_snippet()
+        doc = ENCLAVE_DOC.read_text()
+        self.assertIn("aws kms generate-data-key --key-id \"$KMS_KEY_ARN\" --key-spec AES_256",
+                      doc)
+        self.assertIn("--encryption-context purpose=enclave-secrets/v1,bundle_version=", doc)
+        answer = self.cli_generate_data_key(self.VERSION)
+        payload_file = self.payload_file(PAYLOAD)
+        result = subprocess.run(
+            [sys.executable, "-c", program, self.fake.key_arn, str(self.VERSION), payload_file],
+            input=json.dumps(answer), capture_output=True, text=True,
+            timeout=SUBPROCESS_TIMEOUT_S)
+        scan_later(result.stdout + result.stderr, "recipe snippet output")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stderr, "")
+        envelope_obj = json.loads(result.stdout)
+        for value in PAYLOAD.values():
+            self.assertNotIn(value, result.stdout)
+        self.assertNotIn(answer["Plaintext"], result.stdout)
+        parsed = envelope.parse(envelope_obj)
+        self.assertEqual(envelope.open(parsed, base64.b64decode(answer["Plaintext"])), PAYLOAD)
+        self.assert_opens(envelope_obj, version=self.VERSION)
+
+    def test_the_snippet_and_the_command_agree_on_everything_but_the_randomness(self):
+        """Same key, version and payload: the same fields, context and plaintext."""
+        code, out, err = self.run_command(
+            "--kms-key-arn", self.fake.key_arn, "--endpoint", self.fake.url, "--ca-file",
+            self.ca_file, "--bundle-version", str(self.VERSION), self.payload_file(PAYLOAD),
+            environ=self.aws_environ())
+        self.assertEqual(code, 0, err)
+        from_command = json.loads(out)
+        answer = self.cli_generate_data_key(self.VERSION)
+        result = subprocess.run(
+            [sys.executable, "-c", self.recipe_snippet(), self.fake.key_arn, str(self.VERSION),
+             self.payload_file(PAYLOAD)],
+            input=json.dumps(answer), capture_output=True, text=True,
+            timeout=SUBPROCESS_TIMEOUT_S)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        from_recipe = json.loads(result.stdout)
+        self.assertEqual(list(from_recipe), list(from_command))
+        for field in ("v", "kms_key_arn", "encryption_context"):
+            self.assertEqual(from_recipe[field], from_command[field], field)
+        self.assertEqual(envelope.parse(from_recipe).aad, envelope.parse(from_command).aad)
 
 
 if __name__ == "__main__":
