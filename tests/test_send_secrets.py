@@ -20,7 +20,10 @@ import sys
 import tempfile
 import threading
 import unittest
+import urllib.error
+import urllib.request
 from pathlib import Path
+from unittest import mock
 
 from enclave import cli, envelope, kms
 from enclave.host import send_secrets as cmd_send_secrets
@@ -279,7 +282,12 @@ class CaptureListener(socketserver.ThreadingTCPServer):
 
 class FakeImds(http.server.ThreadingHTTPServer):
     """IMDSv2 on 127.0.0.1:0: PUT /latest/api/token, then token-authenticated GETs of the role
-    list and the role's credentials document (the real field names, Token not SessionToken)."""
+    list and the role's credentials document (the real field names, Token not SessionToken).
+    A GET without the session token is refused (401), as IMDSv2 does.
+
+    Faults: `roles` (the listing; empty answers 404, as on an instance without a profile),
+    `token_status` (the PUT's status: 403 is IMDSv2 turned off), `answered_token` (the PUT
+    answers this instead of the token the GETs need)."""
 
     ROLE = "enclave-parent-role"
     daemon_threads = True
@@ -287,6 +295,9 @@ class FakeImds(http.server.ThreadingHTTPServer):
     def __init__(self, document: dict):
         self.token = "AQAEA" + secrets.token_urlsafe(40)
         self.document = document
+        self.roles = [FakeImds.ROLE]
+        self.token_status = 200
+        self.answered_token: str | None = None
         self.seen: list[tuple[str, str, bool]] = []  # (method, path, carried the token)
         fake = self
 
@@ -305,7 +316,9 @@ class FakeImds(http.server.ThreadingHTTPServer):
                 ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
                 if self.path != "/latest/api/token" or not ttl.isdigit():
                     return self.answer(400, b"")
-                self.answer(200, fake.token.encode())
+                if fake.token_status != 200:
+                    return self.answer(fake.token_status, b"")
+                self.answer(200, (fake.answered_token or fake.token).encode())
 
             def do_GET(self):
                 authorized = self.headers.get("X-aws-ec2-metadata-token") == fake.token
@@ -314,8 +327,10 @@ class FakeImds(http.server.ThreadingHTTPServer):
                     return self.answer(401, b"")
                 base = "/latest/meta-data/iam/security-credentials/"
                 if self.path == base:
-                    return self.answer(200, FakeImds.ROLE.encode())
-                if self.path == base + FakeImds.ROLE:
+                    if not fake.roles:
+                        return self.answer(404, b"")
+                    return self.answer(200, "\n".join(fake.roles).encode())
+                if self.path[len(base):] in fake.roles:
                     return self.answer(200, json.dumps(fake.document).encode())
                 self.answer(404, b"")
 
@@ -343,11 +358,10 @@ def _random_credentials() -> dict:
     return creds
 
 
-@unittest.skipUnless(shutil.which("socat"), "socat is not installed (make tools installs it)")
-class KmsDeliveryScriptTest(unittest.TestCase):
-    """send-secrets.sh --kms ENVELOPE_FILE against a capture listener; every tool the script
-    runs (socat, curl, python) is a wrapper that records its command line, the part of a
-    process that `ps` shows to every user."""
+class KmsDeliveryFixture(unittest.TestCase):
+    """A sealed envelope in a file, random AWS-shaped credentials, capture listeners, and the
+    script with every tool it runs (socat, curl, python) wrapped to record its command line,
+    the part of a process that `ps` shows to every user."""
 
     def setUp(self):
         tmp = tempfile.TemporaryDirectory()
@@ -392,6 +406,23 @@ class KmsDeliveryScriptTest(unittest.TestCase):
                 "AWS_SECRET_ACCESS_KEY": self.creds["SecretAccessKey"],
                 "AWS_SESSION_TOKEN": self.creds["Token"], **extra}
 
+    def delivery(self, listener, index=-1) -> dict:
+        return json.loads(listener.deliveries[index])
+
+    def imds(self, **document_fields) -> FakeImds:
+        document = {"Code": "Success", "LastUpdated": "2026-05-09T11:00:00Z",
+                    "Type": "AWS-HMAC", **self.creds, "Expiration": "2099-05-09T17:00:00Z",
+                    **document_fields}
+        imds = FakeImds(document)
+        self.addCleanup(imds.close)
+        remember_secret(imds.token, kind="IMDSv2 session token")
+        return imds
+
+
+@unittest.skipUnless(shutil.which("socat"), "socat is not installed (make tools installs it)")
+class KmsDeliveryScriptTest(KmsDeliveryFixture):
+    """send-secrets.sh --kms ENVELOPE_FILE against a capture listener."""
+
     def assert_nothing_shows(self, result, *values):
         """No credential in the script's output, nor on any command line it ran."""
         command_lines = self.argv_log.read_text() if self.argv_log.exists() else ""
@@ -399,9 +430,6 @@ class KmsDeliveryScriptTest(unittest.TestCase):
         for value in values:
             self.assertNotIn(value, result.stdout + result.stderr)
             self.assertNotIn(value, command_lines)
-
-    def delivery(self, listener, index=-1) -> dict:
-        return json.loads(listener.deliveries[index])
 
     def test_env_credentials_build_the_section_15_delivery(self):
         listener = self.listener()
@@ -544,6 +572,298 @@ class KmsDeliveryScriptTest(unittest.TestCase):
                 self.assertIn(message, result.stderr)
                 self.assertEqual(result.stdout, "")
         self.assertEqual(listener.deliveries, [])
+
+
+class KmsDeliveryCommandTest(KmsDeliveryFixture):
+    """`enclave.py send-secrets ADDRESS --kms ENVELOPE_FILE`, the Python twin of the script's
+    --kms mode, against a fake IMDSv2 and a capture listener, both on loopback."""
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(setattr, cmd_send_secrets, "_sleep", cmd_send_secrets._sleep)
+        self.sleeps: list[float] = []
+        cmd_send_secrets._sleep = self.sleeps.append
+
+    def run_twin(self, *argv, env=None) -> tuple[int, str, str]:
+        """The command in this process with exactly `env` as its environment."""
+        parser = argparse.ArgumentParser()
+        cmd_send_secrets.add_arguments(parser)
+        args = parser.parse_args([str(a) for a in argv])
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cmd_send_secrets.run(args, environ=dict(env or {}))
+        scan_later(out.getvalue() + err.getvalue(), "send-secrets --kms output")
+        return code, out.getvalue(), err.getvalue()
+
+    def kms_argv(self, listener_or_target, *extra):
+        target = getattr(listener_or_target, "target", listener_or_target)
+        return (f"tcp:{target}", "--kms", self.envelope_file, *extra)
+
+    def assert_no_credentials(self, *texts, extra=()):
+        for text in texts:
+            for value in (self.creds["SecretAccessKey"], self.creds["Token"], *extra):
+                self.assertNotIn(value, text)
+
+    def test_imds_credentials_build_the_section_15_delivery(self):
+        imds = self.imds()
+        listener = self.listener()
+        code, out, err = self.run_twin(*self.kms_argv(listener),
+                                       env={"SEND_SECRETS_IMDS_URL": imds.url})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out), listener.acks[0])
+        self.assertEqual(out.count("\n"), 1)
+        self.assertEqual(imds.seen, [
+            ("PUT", "/latest/api/token", False),
+            ("GET", "/latest/meta-data/iam/security-credentials/", True),
+            ("GET", f"/latest/meta-data/iam/security-credentials/{FakeImds.ROLE}", True)])
+        self.assertEqual(len(listener.deliveries), 1)
+        delivery = self.delivery(listener)
+        self.assertEqual(delivery, {
+            "SEALED_SECRETS": self.envelope,
+            "AWS_CREDENTIALS": {"AccessKeyId": self.creds["AccessKeyId"],
+                                "SecretAccessKey": self.creds["SecretAccessKey"],
+                                "SessionToken": self.creds["Token"],
+                                "Expiration": "2099-05-09T17:00:00Z"},
+            "AWS_REGION": "eu-west-1"})
+        self.assertEqual(list(delivery), ["SEALED_SECRETS", "AWS_CREDENTIALS", "AWS_REGION"])
+        self.assertEqual(envelope.parse(delivery["SEALED_SECRETS"]).kms_key_arn, KMS_KEY_ARN)
+        parsed = kms.AwsCredentials.from_delivery(delivery["AWS_CREDENTIALS"],
+                                                  now=dt.datetime.now(dt.timezone.utc))
+        self.assertEqual(parsed.expiration.year, 2099)
+        self.assert_no_credentials(out, err, extra=(imds.token,))
+
+    def test_imds_is_the_default_only_without_aws_access_key_id(self):
+        imds = self.imds()
+        listener = self.listener()
+        # AWS_ACCESS_KEY_ID set: env is the default (IMDS is not asked)
+        code, _, err = self.run_twin(*self.kms_argv(listener), env={
+            "SEND_SECRETS_IMDS_URL": imds.url, "AWS_ACCESS_KEY_ID": self.creds["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": self.creds["SecretAccessKey"]})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(imds.seen, [])
+        self.assertNotIn("SessionToken", self.delivery(listener)["AWS_CREDENTIALS"])
+        # SEND_SECRETS_CREDENTIALS=imds wins; a named role skips the listing
+        code, _, err = self.run_twin(*self.kms_argv(listener), env={
+            "SEND_SECRETS_CREDENTIALS": "imds", "SEND_SECRETS_IMDS_URL": imds.url,
+            "SEND_SECRETS_IMDS_ROLE": FakeImds.ROLE,
+            "AWS_ACCESS_KEY_ID": "AKIAIGNOREDBYIMDS000"})
+        self.assertEqual(code, 0, err)
+        self.assertEqual([path for _, path, _ in imds.seen][1:],
+                         [f"/latest/meta-data/iam/security-credentials/{FakeImds.ROLE}"])
+        self.assertEqual(self.delivery(listener)["AWS_CREDENTIALS"]["AccessKeyId"],
+                         self.creds["AccessKeyId"])
+
+    def test_the_fake_imds_refuses_a_request_without_the_session_token(self):
+        """What makes the delivery test meaningful: like IMDSv2, no token, no answer."""
+        imds = self.imds()
+        url = f"{imds.url}/latest/meta-data/iam/security-credentials/"
+        with self.assertRaises(urllib.error.HTTPError) as ctx:
+            urllib.request.urlopen(url, timeout=CAPTURE_READ_TIMEOUT_S)
+        ctx.exception.close()
+        self.assertEqual(ctx.exception.code, 401)
+        self.assertEqual(imds.seen, [("GET", "/latest/meta-data/iam/security-credentials/",
+                                      False)])
+
+    def test_env_credentials(self):
+        listener = self.listener()
+        code, out, err = self.run_twin(*self.kms_argv(listener),
+                                       env=self.env_credentials(AWS_DEFAULT_REGION="eu-west-1"))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.delivery(listener)["AWS_CREDENTIALS"], {
+            "AccessKeyId": self.creds["AccessKeyId"],
+            "SecretAccessKey": self.creds["SecretAccessKey"],
+            "SessionToken": self.creds["Token"]})
+        self.assert_no_credentials(out, err)
+
+    def test_imds_failures_exit_1_with_one_line_and_send_nothing(self):
+        listener = self.listener()
+        down = f"http://127.0.0.1:{free_port()}"
+
+        def no_token(imds):
+            imds.token_status = 403
+
+        def wrong_token(imds):
+            imds.answered_token = "AQAEA" + secrets.token_urlsafe(40)
+            remember_secret(imds.answered_token, kind="IMDSv2 session token")
+
+        def no_role(imds):
+            imds.roles = []
+
+        def two_roles(imds):
+            imds.roles = [FakeImds.ROLE, "another-role"]
+
+        def failed_document(imds):
+            imds.document = {"Code": "AssumeRoleUnauthorizedAccess",
+                             "LastUpdated": "2026-05-09T11:00:00Z"}
+
+        def not_json(imds):
+            imds.document = None  # json.dumps(None): "null", not an object
+
+        def no_secret(imds):
+            del imds.document["SecretAccessKey"]
+
+        def expired(imds):
+            imds.document["Expiration"] = "2020-01-01T00:00:00Z"
+
+        cases = {
+            "IMDS down": (None, "gave no session token"),
+            "IMDSv2 off": (no_token, "gave no session token (not on EC2, or IMDSv2 disabled?"),
+            "token refused": (wrong_token, "lists no instance role (attach an instance profile) "
+                                           "(HTTP 401)"),
+            "no role": (no_role, "lists no instance role"),
+            "two roles": (two_roles, "lists 2 roles: name one in SEND_SECRETS_IMDS_ROLE"),
+            "failed document": (failed_document,
+                                "not usable (Code AssumeRoleUnauthorizedAccess)"),
+            "not an object": (not_json, "not usable"),
+            "no secret key": (no_secret, "lack AccessKeyId or SecretAccessKey"),
+            "expired": (expired, "kms_credentials_expired"),
+        }
+        for name, (fault, message) in cases.items():
+            with self.subTest(name):
+                imds = self.imds()
+                if fault is not None:
+                    fault(imds)
+                url = down if fault is None else imds.url
+                code, out, err = self.run_twin(*self.kms_argv(listener),
+                                               env={"SEND_SECRETS_IMDS_URL": url})
+                self.assertEqual((code, out), (1, ""), err)
+                self.assertIn(message, err)
+                self.assertTrue(err.startswith("send-secrets: "), err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assert_no_credentials(err, extra=(imds.token,))
+        self.assertEqual(listener.deliveries, [])
+
+    def test_usage_errors_exit_2_and_send_nothing(self):
+        listener = self.listener()
+        not_sealed = self.tmp / "plain.json"
+        not_sealed.write_text(json.dumps({"ENCLAVE_RPC_SHARED_SECRET": "x" * 40}))
+        duplicate = self.tmp / "duplicate.json"
+        duplicate.write_text('{"v": 1, "v": 1}')
+        creds = self.env_credentials()
+        cases = {
+            "FILE and --kms": ((f"tcp:{listener.target}", not_sealed, "--kms",
+                                self.envelope_file), creds, "not both"),
+            "neither": ((f"tcp:{listener.target}",), creds, "FILE or --kms"),
+            "unreadable envelope": ((f"tcp:{listener.target}", "--kms", self.tmp / "missing"),
+                                    creds, "cannot read"),
+            "not an envelope": ((f"tcp:{listener.target}", "--kms", not_sealed), creds,
+                                "not a sealed envelope"),
+            "duplicate keys": ((f"tcp:{listener.target}", "--kms", duplicate), creds,
+                               "not strict UTF-8 JSON"),
+            "env without anything": (self.kms_argv(listener),
+                                     {"SEND_SECRETS_CREDENTIALS": "env"},
+                                     "needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+            "env without the secret key": (
+                self.kms_argv(listener),
+                {k: v for k, v in creds.items() if k != "AWS_SECRET_ACCESS_KEY"},
+                "AWS_SECRET_ACCESS_KEY"),
+            "malformed env key id": (self.kms_argv(listener),
+                                     {**creds, "AWS_ACCESS_KEY_ID": "not-a-key-id"},
+                                     "kms_credentials_invalid"),
+            "unknown credentials source": (self.kms_argv(listener),
+                                           {**creds, "SEND_SECRETS_CREDENTIALS": "file"},
+                                           "must be env or imds"),
+            "another region": (self.kms_argv(listener), {**creds, "AWS_REGION": "us-east-1"},
+                               "not the region"),
+            "another default region": (self.kms_argv(listener),
+                                       {**creds, "AWS_DEFAULT_REGION": "us-east-1"},
+                                       "not the region"),
+            "bad IMDS URL": (self.kms_argv(listener),
+                             {"SEND_SECRETS_IMDS_URL": "ftp://169.254.169.254"},
+                             "SEND_SECRETS_IMDS_URL must be"),
+            "bad role name": (self.kms_argv(listener),
+                              {"SEND_SECRETS_IMDS_URL": f"http://127.0.0.1:{free_port()}",
+                               "SEND_SECRETS_IMDS_ROLE": "no/slashes"},
+                              "SEND_SECRETS_IMDS_ROLE must be"),
+        }
+        for name, (argv, env, message) in cases.items():
+            with self.subTest(name):
+                code, out, err = self.run_twin(*argv, env=env)
+                self.assertEqual((code, out), (2, ""), err)
+                self.assertIn(message, err)
+                self.assertTrue(err.startswith("send-secrets: "), err)
+                self.assert_no_credentials(err)
+        self.assertEqual(listener.deliveries, [])
+
+    def test_refused_busy_and_unreachable_like_the_plaintext_mode(self):
+        refusal = {"ok": False, "version": 0,
+                   "error": {"code": "kms_access_denied", "message": "not in the key policy"}}
+        listener = self.listener(refusal)
+        code, out, _ = self.run_twin(*self.kms_argv(listener), env=self.env_credentials())
+        self.assertEqual(code, 1)
+        self.assertEqual(json.loads(out), refusal)
+
+        busy = {"ok": False, "version": 0, "error": {"code": "busy", "message": "busy"}}
+        listener = self.listener(busy, {"ok": True, "version": 1, "changed": []})
+        code, out, err = self.run_twin(*self.kms_argv(listener), env=self.env_credentials())
+        self.assertEqual(code, 0, err)
+        first, second = listener.deliveries
+        self.assertEqual(first, second)  # the same delivery, sent again
+        self.assertEqual(self.sleeps, [cmd_send_secrets.DEFAULT_INTERVAL_S])
+
+        self.sleeps.clear()
+        code, out, err = self.run_twin(*self.kms_argv(f"127.0.0.1:{free_port()}", "--tries", "2"),
+                                       env=self.env_credentials())
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("giving up after 2 tries", err)
+        self.assertEqual(self.sleeps, [cmd_send_secrets.DEFAULT_INTERVAL_S])
+        self.assert_no_credentials(err)
+
+    def test_through_the_cli(self):
+        listener = self.listener()
+        out, err = io.StringIO(), io.StringIO()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SEND_SECRETS_"))}
+        env.update(self.env_credentials())
+        with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            code = cli.main(["send-secrets", f"tcp:{listener.target}", "--kms",
+                             str(self.envelope_file)])
+        scan_later(out.getvalue() + err.getvalue(), "send-secrets --kms output")
+        self.assertEqual(code, 0, err.getvalue())
+        self.assertEqual(self.delivery(listener)["AWS_REGION"], "eu-west-1")
+
+
+@unittest.skipUnless(shutil.which("socat"), "socat is not installed (make tools installs it)")
+class ScriptAndTwinAgreeTest(KmsDeliveryFixture):
+    """send-secrets.sh --kms and `enclave.py send-secrets --kms`: for the same envelope and
+    credentials, the same delivery (compared parsed)."""
+
+    def twin(self, listener, env):
+        parser = argparse.ArgumentParser()
+        cmd_send_secrets.add_arguments(parser)
+        args = parser.parse_args([f"tcp:{listener.target}", "--kms", str(self.envelope_file)])
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cmd_send_secrets.run(args, environ=env)
+        scan_later(out.getvalue() + err.getvalue(), "send-secrets --kms output")
+        return code, out.getvalue(), err.getvalue()
+
+    def assert_same_delivery(self, env):
+        script_listener, twin_listener = self.listener(), self.listener()
+        result = self.run_script("--tcp", script_listener.target, "--kms", self.envelope_file,
+                                 env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        code, out, err = self.twin(twin_listener, env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, result.stdout)  # the same ack line
+        from_script, = script_listener.deliveries
+        from_twin, = twin_listener.deliveries
+        self.assertEqual(json.loads(from_twin), json.loads(from_script))
+        return json.loads(from_twin)
+
+    def test_env_credentials(self):
+        delivery = self.assert_same_delivery(self.env_credentials(AWS_REGION="eu-west-1"))
+        self.assertIn("SessionToken", delivery["AWS_CREDENTIALS"])
+        env = self.env_credentials()
+        del env["AWS_SESSION_TOKEN"]
+        self.assert_same_delivery(env)
+
+    @unittest.skipUnless(shutil.which("curl"), "curl is not installed")
+    def test_imds_credentials(self):
+        imds = self.imds()
+        delivery = self.assert_same_delivery({"SEND_SECRETS_IMDS_URL": imds.url})
+        self.assertEqual(delivery["AWS_CREDENTIALS"]["SessionToken"], self.creds["Token"])
+        self.assertEqual(delivery["AWS_CREDENTIALS"]["Expiration"], "2099-05-09T17:00:00Z")
 
 
 if __name__ == "__main__":

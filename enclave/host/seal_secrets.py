@@ -1,11 +1,18 @@
 """`seal-secrets --kms-key-arn ARN [--region R] [--bundle-version N] FILE`: seal a secrets payload.
 
 Run by the operator (not the parent instance), docs/DESIGN.md §15: reads a section 4 payload
-(a JSON object), asks KMS GenerateDataKey (AES_256) for a data key bound to the envelope's
+(a strict JSON object: no duplicate keys, no NaN), checks it with the runtime's own validator
+(a dry run of what the enclave will do with it, so that nothing the enclave refuses is sealed),
+asks KMS GenerateDataKey (AES_256, no Recipient) for a data key bound to the envelope's
 encryption context, seals the payload with AES-256-GCM and prints the envelope JSON on stdout.
-Credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN; the region
-from --region, else AWS_REGION or AWS_DEFAULT_REGION, else the key ARN. Exit 0 sealed, 1 KMS
-refused or unreachable, 2 usage.
+
+The standard AWS environment, so that the AWS CLI recipe in docs/ENCLAVE.md §6 makes the same
+file: credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN; the region
+from --region, else AWS_REGION or AWS_DEFAULT_REGION, else the key ARN; the endpoint from
+--endpoint, else AWS_ENDPOINT_URL_KMS, else AWS_ENDPOINT_URL, else kms.REGION.amazonaws.com; the
+only CA trusted for it from --ca-file, else AWS_CA_BUNDLE, else the bundled Amazon roots.
+Exit 0 sealed, 1 KMS refused or unreachable, 2 usage (a payload the enclave would refuse too:
+its error code and message, never a value).
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ import os
 import secrets
 import sys
 
-from .. import envelope, kms
+from .. import envelope, kms, strictjson
 from ..outbound import OutboundClient
+from ..secrets import SecretsError, apply_update, initial_state
 from .args import UsageError, read_bounded
 
 HELP = "seal a secrets payload under a KMS key; print the envelope (exit 0 ok, 1 KMS, 2 usage)"
@@ -25,6 +33,10 @@ HELP = "seal a secrets payload under a KMS key; print the envelope (exit 0 ok, 1
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 # A delivery is at most 256 KiB (section 4); the envelope's base64 costs 4/3 of the payload.
 MAX_PAYLOAD_BYTES = 160 * 1024
+# Where the endpoint and its CA come from when the flag is not given, first one set wins (the
+# AWS CLI and SDKs read the same variables).
+ENDPOINT_SOURCES = ("AWS_ENDPOINT_URL_KMS", "AWS_ENDPOINT_URL")
+CA_BUNDLE_SOURCE = "AWS_CA_BUNDLE"
 
 
 def add_arguments(parser) -> None:
@@ -37,15 +49,55 @@ def add_arguments(parser) -> None:
                         help="bundle version, never lower than the last one delivered "
                              "(default: the current Unix time in seconds)")
     parser.add_argument("--endpoint", metavar="URL",
-                        help="KMS endpoint override (https://; for a fake KMS)")
+                        help="KMS endpoint override (https://; default: AWS_ENDPOINT_URL_KMS, "
+                             "else AWS_ENDPOINT_URL, else kms.REGION.amazonaws.com)")
     parser.add_argument("--ca-file", metavar="PEM",
-                        help="trust only this CA for the endpoint (a fake KMS) instead of the "
-                             "bundled Amazon roots")
+                        help="trust only this CA for the endpoint instead of the bundled Amazon "
+                             "roots (default: AWS_CA_BUNDLE when set)")
 
 
 def _fail(code: int, message: str) -> int:
     print(f"seal-secrets: {message}", file=sys.stderr)
     return code
+
+
+def _from_flag_or_environ(value, flag: str, environ, names) -> tuple[str | None, str]:
+    """(value, where it came from): the flag when given, else the first variable set."""
+    if value is not None:
+        return value, flag
+    for name in names:
+        if environ.get(name):
+            return environ[name], name
+    return None, flag
+
+
+def _load_payload(path: str, now: dt.datetime) -> dict:
+    """The payload as the enclave will read it, checked by the runtime's validator, or
+    UsageError (whose message names keys and codes, never a value)."""
+    raw = read_bounded(path, MAX_PAYLOAD_BYTES, "the payload file")
+    try:
+        payload = strictjson.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError("the payload file is not UTF-8 text") from None
+    except RecursionError:
+        raise UsageError("the payload file is nested too deeply") from None
+    except json.JSONDecodeError as exc:  # names a position, never the content
+        raise UsageError(f"the payload file is not valid JSON ({exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno})") from None
+    except ValueError as exc:  # strictjson's hooks: a duplicate key, NaN or Infinity
+        raise UsageError(f"the payload file is not strict JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise UsageError("the payload must be a JSON object of secrets-channel keys "
+                         "(docs/DESIGN.md §4)")
+    if envelope.BUNDLE_VERSION_FIELD in payload:
+        raise UsageError("the payload must not carry bundle_version: seal-secrets adds it "
+                         "(use --bundle-version)")
+    try:  # a dry run of the enclave's own check (section 15 step 6 hands it the payload)
+        apply_update(initial_state({}), payload, now)
+    except SecretsError as exc:
+        raise UsageError(f"the enclave would refuse this payload: {exc.code}: "
+                         f"{exc.message}") from None
+    return payload
 
 
 def run(args, environ=None, now=None) -> int:
@@ -63,17 +115,13 @@ def run(args, environ=None, now=None) -> int:
         if not 0 <= bundle_version < 10 ** envelope.MAX_BUNDLE_VERSION_DIGITS:
             raise UsageError("--bundle-version must be a non-negative integer of at most "
                              f"{envelope.MAX_BUNDLE_VERSION_DIGITS} digits")
-        if args.endpoint is not None and not args.endpoint.startswith("https://"):
-            raise UsageError("--endpoint must be an https:// URL")
-        raw = read_bounded(args.file, MAX_PAYLOAD_BYTES, "the payload file")
-        try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise UsageError("the payload file is not UTF-8 JSON") from None
-        if not isinstance(payload, dict):
-            raise UsageError("the payload must be a JSON object of secrets-channel keys (docs/DESIGN.md §4)")
-        if envelope.BUNDLE_VERSION_FIELD in payload:
-            raise UsageError("the payload must not carry bundle_version: use --bundle-version")
+        endpoint, endpoint_source = _from_flag_or_environ(args.endpoint, "--endpoint", environ,
+                                                          ENDPOINT_SOURCES)
+        if endpoint is not None and not endpoint.startswith("https://"):
+            raise UsageError(f"{endpoint_source} must be an https:// URL")
+        ca_file, ca_source = _from_flag_or_environ(args.ca_file, "--ca-file", environ,
+                                                   (CA_BUNDLE_SOURCE,))
+        payload = _load_payload(args.file, now)
         credentials = kms.AwsCredentials.from_environ(environ, now=now)
     except (UsageError, envelope.EnvelopeError) as exc:
         return _fail(EXIT_USAGE, str(exc))
@@ -86,14 +134,16 @@ def run(args, environ=None, now=None) -> int:
     context = {"purpose": envelope.PURPOSE,
                envelope.BUNDLE_VERSION_FIELD: str(bundle_version)}
     try:
-        transport = OutboundClient(context=kms.create_kms_context(args.ca_file), reuse=False)
+        transport = OutboundClient(context=kms.create_kms_context(ca_file), reuse=False)
     except (OSError, ValueError) as exc:
-        return _fail(EXIT_USAGE, f"--ca-file: cannot load it ({exc})")
+        return _fail(EXIT_USAGE, f"{ca_source}: cannot load {ca_file} ({exc})")
     try:
         data_key = kms.generate_data_key(arn, context, credentials=credentials, region=region,
-                                         transport=transport, endpoint=args.endpoint, now=now)
+                                         transport=transport, endpoint=endpoint, now=now)
     except kms.KmsError as exc:
-        return _fail(EXIT_REFUSED, f"{exc.code}: {exc}")
+        where = f" (endpoint {endpoint} from {endpoint_source})" \
+            if endpoint_source in ENDPOINT_SOURCES else ""
+        return _fail(EXIT_REFUSED, f"{exc.code}: {exc}{where}")
     finally:
         transport.close()
     try:
