@@ -33,6 +33,10 @@ MAX_REPORTED_LEAKS = 50
 JOBS_PER_CPU = 2  # most test time is spent waiting on sockets and deadlines, not computing
 MAX_DEFAULT_JOBS = 4  # beyond this the cores, not the waits, bound the suite
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Modules that mostly wait on processes they start (whole local stacks, servers, scripts): they
+# start first, so that the short modules fill the gaps instead of trailing behind them.
+START_FIRST = ("tests.test_local_stack", "tests.test_deploy", "tests.test_sealed_delivery",
+               "tests.test_production_boot", "tests.test_attestation_e2e")
 
 
 class CountingResult(unittest.TextTestResult):
@@ -97,6 +101,7 @@ def _run_module(name: str) -> tuple:
     """In a worker: run one test module; hand back its counts, output, log and secrets."""
     log_path = new_log_path("enclave-tests-part-")
     stream = io.StringIO()
+    started = time.monotonic()
     try:
         suite = unittest.TestLoader().loadTestsFromName(name)
         outcome = run_tests(suite, stream, _worker_verbosity, log_path)
@@ -108,7 +113,8 @@ def _run_module(name: str) -> tuple:
     os.unlink(log_path)
     secrets, texts = support.REGISTRY.snapshot()
     support.REGISTRY.texts.clear()  # each text is handed back once
-    return name, outcome, stream.getvalue(), log_text, secrets, texts
+    return (name, outcome, stream.getvalue(), log_text, secrets, texts,
+            time.monotonic() - started)
 
 
 _worker_verbosity = 1
@@ -121,11 +127,12 @@ def _init_worker(verbosity: int) -> None:
 
 
 def module_names() -> list[str]:
-    """Every tests/test_*.py as a module name, the largest files first (a rough cost order,
-    so the long modules start early and the short ones fill the gaps)."""
+    """Every tests/test_*.py as a module name: START_FIRST, then the largest files first (a
+    rough cost order, so the long modules start early and the short ones fill the gaps)."""
     files = [f for f in os.listdir(TESTS_DIR) if f.startswith("test_") and f.endswith(".py")]
     files.sort(key=lambda f: (-os.path.getsize(os.path.join(TESTS_DIR, f)), f))
-    return [f"tests.{f[:-3]}" for f in files]
+    names = [f"tests.{f[:-3]}" for f in files]
+    return [n for n in START_FIRST if n in names] + [n for n in names if n not in START_FIRST]
 
 
 def run_parallel(jobs: int, verbosity: int, log_file: str) -> Outcome:
@@ -134,10 +141,10 @@ def run_parallel(jobs: int, verbosity: int, log_file: str) -> Outcome:
     context = multiprocessing.get_context("fork")  # workers start from this clean process
     with context.Pool(jobs, initializer=_init_worker, initargs=(verbosity,)) as pool, \
             open(log_file, "a", encoding="utf-8") as log:
-        for name, outcome, output, log_text, secrets, texts in pool.imap_unordered(
+        for name, outcome, output, log_text, secrets, texts, seconds in pool.imap_unordered(
                 _run_module, module_names(), chunksize=1):
             sys.stderr.write(f"{name}: {outcome.passed} passed, {outcome.failed} failed, "
-                             f"{outcome.skipped} skipped\n")
+                             f"{outcome.skipped} skipped ({seconds:.1f}s)\n")
             if outcome.failed or verbosity > 1:
                 sys.stderr.write(output)
             log.write(f"===== {name} =====\n{log_text}")

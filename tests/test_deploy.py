@@ -3,6 +3,9 @@ and the Containerfile; the structural checks of `make check-deploy`; fetch-envel
 plaintext; enclave-watchdog.sh's decisions (against stub nitro-cli and systemctl). Nothing here
 touches systemd, nitro-cli, AWS or the network."""
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import shutil
@@ -27,8 +30,27 @@ TIMEOUT_S = 60
 
 
 def run(*argv, env=None):
+    """Run a command; deploy/generate.py and deploy/check.py (stdlib scripts with a main(argv))
+    run in this process, which saves a Python start-up per call."""
+    if len(argv) >= 2 and argv[0] == sys.executable and Path(argv[1]) in (GENERATE, CHECK) \
+            and env is None:
+        return _run_script_here(Path(argv[1]), list(argv[2:]))
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=TIMEOUT_S,
                           env=env, stdin=subprocess.DEVNULL)
+
+
+def _run_script_here(path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    spec = importlib.util.spec_from_file_location(f"deploy_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = module.main(args)
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess([sys.executable, str(path), *args], code,
+                                       out.getvalue(), err.getvalue())
 
 
 def generated(what: str, *extra) -> str:

@@ -10,6 +10,8 @@ The runtimes are dev-shim, so the probe gets --allow-insecure-dev unless a test 
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import os
 import socket
@@ -20,6 +22,7 @@ import unittest
 from pathlib import Path
 from unittest import mock
 
+from enclave import cli
 from enclave.app import Runtime
 from enclave.attestation import AttestationService, build_attestation
 from enclave.config import Settings
@@ -33,6 +36,22 @@ SECRET = "probe-test-shared-secret-0123456789abcdef"
 PROBE_TIMEOUT_S = 60  # the whole probe run; each request has its own 5 s bound
 RPC_PATHS = ("/v1/rpc/google/token/exchange", "/v1/rpc/google/token/refresh",
              "/v1/rpc/google/token/revoke", "/v1/rpc/watermark")
+
+
+def run_probe(args: list[str], env_extra: dict | None = None) -> tuple[int, str]:
+    """`enclave.py probe ARGS` in this process (the same entry point, without paying a Python
+    start-up per run): its exit code and everything it printed. The environment is the test
+    process's without runtime variables, plus `env_extra`, as a child would see it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENCLAVE_", "TEE_", "ALFRED_"))}
+    env.update(env_extra or {})
+    out = io.StringIO()
+    with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(out):
+        try:
+            code = cli.main(["probe", *args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+    return code, out.getvalue()
 
 
 class _Store:
@@ -96,24 +115,13 @@ class ProbeTest(unittest.TestCase):
     def probe(self, port: int, *extra: str, dev: bool = True,
               env_extra: dict | None = None) -> tuple[int, str]:
         """Run the probe; `dev` adds --allow-insecure-dev (the runtimes here are dev-shim)."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("ENCLAVE_", "TEE_", "ALFRED_"))}
-        env.update(env_extra or {})
         flags = ["--allow-insecure-dev"] if dev else []
-        proc = subprocess.run(
-            [sys.executable, "enclave.py", "probe", f"http://127.0.0.1:{port}",
-             "--state-dir", self.state_dir, "--secret", SECRET, *flags, *extra],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
-        return proc.returncode, proc.stdout + proc.stderr
+        return run_probe([f"http://127.0.0.1:{port}", "--state-dir", self.state_dir,
+                          "--secret", SECRET, *flags, *extra], env_extra)
 
     def probe_bare(self, *args: str, env_extra: dict | None = None) -> tuple[int, str]:
         """Run the probe with exactly these arguments (no --state-dir, no --secret)."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("ENCLAVE_", "TEE_", "ALFRED_"))}
-        env.update(env_extra or {})
-        proc = subprocess.run([sys.executable, "enclave.py", "probe", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
-        return proc.returncode, proc.stdout + proc.stderr
+        return run_probe(list(args), env_extra)
 
     def assertFailed(self, code: int, output: str, check: str, reason: str = ""):
         self.assertEqual(code, 1, output)

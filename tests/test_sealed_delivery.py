@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as dt
+import itertools
 import json
 import os
 import socket
@@ -30,6 +31,9 @@ import threading
 import time
 import unittest
 from pathlib import Path
+from unittest import mock
+
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enclave import attestation, devpki, envelope, kms
 from enclave.outbound import OutboundClient
@@ -49,6 +53,27 @@ HANG_TIMEOUT_S = 0.5  # the opener's KMS deadline in the hang case (the constant
 HANG_BOUND_S = 30.0  # the fake's own bound in that case: far beyond the opener's deadline
 REDIRECT = "https://app.example/oauth/callback"
 OTHER_PCR0 = bytes.fromhex("c3" * 48)
+
+
+RECIPIENT_KEY_POOL = 4  # RSA-2048 keys made once for the module (each costs ~0.1 s of CPU)
+_patches = []
+
+
+def setUpModule():
+    """The runtime asks kms._new_recipient_key for a fresh key per Decrypt; here it gets one of
+    a few keys made once, so the module does not spend seconds of CPU on key generation. The
+    fresh-key-per-call rule itself is tested in tests/test_kms.py, without this."""
+    keys = [rsa.generate_private_key(public_exponent=65537, key_size=kms.RSA_KEY_BITS)
+            for _ in range(RECIPIENT_KEY_POOL)]
+    pool = itertools.cycle(keys)
+    patcher = mock.patch.object(kms, "_new_recipient_key", lambda: next(pool))
+    patcher.start()
+    _patches.append(patcher)
+
+
+def tearDownModule():
+    while _patches:
+        _patches.pop().stop()
 
 
 def utcnow() -> dt.datetime:
