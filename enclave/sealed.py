@@ -17,22 +17,12 @@ import time
 from typing import Callable
 
 from . import envelope, kms
-from .secrets import KNOWN_KEYS, SecretsError, UnknownKey
+from .envelope import EnvelopeError
+from .kms import KmsError
+from .secrets import KNOWN_KEYS, PlaintextRefused, SealedRefused, UnknownKey
 
 SEALED_SECRETS, AWS_CREDENTIALS, AWS_REGION = "SEALED_SECRETS", "AWS_CREDENTIALS", "AWS_REGION"
 DELIVERY_KEYS = (SEALED_SECRETS, AWS_CREDENTIALS, AWS_REGION)
-
-
-class PlaintextRefused(SecretsError):
-    """A plaintext secret key in a delivery while only sealed envelopes are accepted."""
-
-    code = "plaintext_refused"
-
-
-class BundleRollback(SecretsError):
-    """A bundle older than one applied since boot (found again under the store's lock)."""
-
-    code = envelope.CODE_ROLLBACK
 
 
 class SealedSecretsOpener:
@@ -52,8 +42,15 @@ class SealedSecretsOpener:
         self._clock = clock
 
     def open(self, delivery: dict, last_bundle_version: int | None) -> tuple[dict, int]:
-        """(payload, bundle_version) or EnvelopeError / KmsError / SecretsError, each with a
-        stable `code` for the ack. Nothing here changes what is in force."""
+        """(payload, bundle_version), or a SecretsError whose `code` is the ack's (the
+        envelope's and KMS's own codes travel as SealedRefused). Nothing here changes what is
+        in force."""
+        try:
+            return self._open(delivery, last_bundle_version)
+        except (EnvelopeError, KmsError) as exc:
+            raise SealedRefused(exc.code, exc.message) from None
+
+    def _open(self, delivery: dict, last_bundle_version: int | None) -> tuple[dict, int]:
         plaintext = [k for k in delivery if k in KNOWN_KEYS]
         if plaintext:
             raise PlaintextRefused(f"{', '.join(plaintext)}: plaintext secrets are refused; "

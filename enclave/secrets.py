@@ -148,6 +148,25 @@ class Busy(SecretsError):
     code = "busy"
 
 
+class PlaintextRefused(SecretsError):
+    """A plaintext secret key in a delivery while only sealed envelopes are accepted (kms)."""
+    code = "plaintext_refused"
+
+
+class BundleRollback(SecretsError):
+    """A sealed bundle older than one applied since boot (found again under the store's lock)."""
+    code = "bundle_rollback"
+
+
+class SealedRefused(SecretsError):
+    """A sealed delivery refused while opening it: the envelope's or KMS's code (envelope_*,
+    kms_*), carried as a delivery refusal so the store needs nothing of KMS to answer it."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 class Stopping(SecretsError):
     """The runtime is stopping: a delivery still being opened is not applied."""
     code = "stopping"

@@ -20,14 +20,12 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from . import certstore, egress, sealing, secrets, tls
-from .envelope import EnvelopeError
-from .kms import KmsError
 from .metrics import Metrics
-from .sealed import BundleRollback
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
-                      SEALING_KEY_BYTES, Busy, EndpointNotRoutable, InvalidCertificate,
-                      RequiredSecret, SecretsError, SecretsState, Stopping, StorageFailed)
+                      SEALING_KEY_BYTES, BundleRollback, Busy, EndpointNotRoutable,
+                      InvalidCertificate, RequiredSecret, SecretsError, SecretsState, Stopping,
+                      StorageFailed)
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +241,6 @@ class SecretStore:
             state, changed = self.apply(unverified, bundle_version)
         except SecretsError as exc:
             return self.refuse(exc, peer)
-        except (EnvelopeError, KmsError) as exc:
-            return self.refuse(exc, peer, code=exc.code)
         except Exception:  # a bug must not kill the listener, nor answer with internals
             log.exception("Secrets delivery from %s failed unexpectedly", peer or "?")
             return self.refuse(SecretsError("internal error; the delivery was not applied"), peer,
