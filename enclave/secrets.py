@@ -159,8 +159,11 @@ class BundleRollback(SecretsError):
 
 
 class SealedRefused(SecretsError):
-    """A sealed delivery refused while opening it: the envelope's or KMS's code (envelope_*,
-    kms_*), carried as a delivery refusal so the store needs nothing of KMS to answer it."""
+    """A sealed delivery refused while opening it: each instance carries the envelope's or
+    KMS's own code (envelope_*, bundle_rollback, kms_*), as a delivery refusal, so the store
+    needs nothing of KMS to answer it. The class code names the family only."""
+
+    code = "sealed_refused"
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
