@@ -287,8 +287,13 @@ def _serve(settings: Settings, sink=None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
+    metrics = Metrics()
+    if sink is not None:  # described before anything serves: the first scrape shows them
+        for name, kind, help_text, field in LOG_SINK_METRICS:
+            metrics.describe(name, kind, help_text)
+            metrics.gauge_fn(name, lambda field=field: sink.stats()[field])
     try:
-        running = start(settings, stop=stop)
+        running = start(settings, metrics, stop=stop)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("start-up failed: %s", problem)
@@ -299,11 +304,6 @@ def _serve(settings: Settings, sink=None) -> int:
     except Exception:  # a bug: its reason still goes to the log (and the log sink) before exit
         log.exception("start-up failed unexpectedly")
         return 2
-    if sink is not None:
-        metrics = running.runtime.metrics
-        for name, kind, help_text, field in LOG_SINK_METRICS:
-            metrics.describe(name, kind, help_text)
-            metrics.gauge_fn(name, lambda field=field: sink.stats()[field])
     while not stop.wait(1.0):  # a bounded wait: signal handlers run between the waits
         pass
     log.info("stopping: draining in-flight requests")
