@@ -1,9 +1,11 @@
 """`serve`: the start-up sequence of docs/DESIGN.md §2 and the graceful stop on SIGTERM/SIGINT.
 
-1. configuration, then `preflight` (exit 2 listing every problem)  2. signing identity and
-attestation source (exit 2)  3. bind the secrets listener FIRST, then HTTP (a busy address:
-exit 2 naming the variable), wait for a first delivery (bounded)  4. serve HTTP, log `ready`
-5. on SIGTERM/SIGINT stop accepting, drain in-flight requests (5 s), exit 0.
+1. configuration, then `preflight` (exit 2 listing every problem, also sent to ENCLAVE_LOG_SINK)
+2. signing identity and attestation source (exit 2)  3. bind the secrets listener, then HTTP (a
+busy address: exit 2 naming the variable)  4. serve both at once; RPCs answer 503 not_ready until
+what they need arrives; wait for a first delivery (bounded; SIGTERM ends it); log `ready` once
+everything the configuration needs is usable  5. on SIGTERM/SIGINT stop applying deliveries,
+stop accepting, drain in-flight requests (5 s), exit 0 within 6 s.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .app import Runtime
 from . import logsink
+from .app import Runtime
 from .config import (ConfigError, Settings, is_loopback_listener, load_settings,
                      report_problems)
 from .errors import EnclaveError
