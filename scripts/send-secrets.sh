@@ -174,7 +174,7 @@ if [ -n "$envelope" ]; then
   command -v "$python" >/dev/null 2>&1 || fail 2 "$python is required for --kms (SEND_SECRETS_PYTHON)"
   credentials="${SEND_SECRETS_CREDENTIALS:-}"
   if [ -z "$credentials" ]; then
-    if [ -n "${AWS_ACCESS_KEY_ID:-}" ]; then credentials=env; else credentials=imds; fi
+    if [ -n "${AWS_ACCESS_KEY_ID:-}" ]; then credentials="env"; else credentials="imds"; fi
   fi
   export SEND_SECRETS_MAX_BYTES="$MAX_DELIVERY_BYTES"
   case "$credentials" in
