@@ -25,7 +25,6 @@ Needs a runtime that knows ENCLAVE_SECRETS_SOURCE; without it the row says so an
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import http.client
 import json
 import os
@@ -64,7 +63,7 @@ def _seal(fake: FakeKms, transport, creds, version: int) -> bytes:
     """One sealed delivery (bytes on the wire), bundle_version `version`."""
     payload = {"GOOGLE_OAUTH_CLIENT_ID": f"bench-kms-{version}.apps.googleusercontent.com"}
     context = {"purpose": envelope.PURPOSE, envelope.BUNDLE_VERSION_FIELD: str(version)}
-    now = dt.datetime.now(dt.timezone.utc)
+    now = time.time()
     data_key = kms.generate_data_key(fake.key_arn, context, credentials=creds,
                                      region=DEFAULT_REGION, transport=transport,
                                      endpoint=fake.url, now=now)
@@ -144,7 +143,7 @@ def run(n: int = DEFAULT_N) -> dict:
         proc = None
         try:
             creds = kms.AwsCredentials.from_delivery(fake.credentials(),
-                                                     now=dt.datetime.now(dt.timezone.utc))
+                                                     now=time.time())
             deliveries = [_seal(fake, transport, creds, version)
                           for version in range(1, WARMUP_DELIVERIES + n + 1)]
             plaintext_bytes = len(base64.b64decode(

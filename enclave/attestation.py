@@ -256,14 +256,11 @@ class DevShimSource(AttestationSource):
     def root_der(self) -> bytes:
         return self._root.cert_der
 
-    def _now(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self._clock(), dt.timezone.utc)
-
     def _issue_leaf(self) -> tuple[cose.Signer, bytes]:
         """A new leaf's signer (ES384) and the payload fields that only change with it,
         pre-encoded, up to and including the "public_key" key (its value is added per
         document)."""
-        leaf = devpki.issue_leaf(self._root, self._now(), label=self.module_id)
+        leaf = devpki.issue_leaf(self._root, self._clock(), label=self.module_id)
         logger.warning("INSECURE dev-shim attestation leaf issued for %s, valid until %s",
                        self.module_id, leaf.cert.not_valid_after_utc.isoformat())
         self._renew_at = (leaf.cert.not_valid_after_utc - DEV_LEAF_RENEW_BEFORE).timestamp()
@@ -347,14 +344,14 @@ def _load_identity(settings) -> SigningIdentity:
     return identity
 
 
-def build_attestation(settings, now=None, *, nsm_open=None) -> Attestation:
+def build_attestation(settings, clock=None, *, nsm_open=None) -> Attestation:
     """Load the signing identity and the source chosen by `settings`.
 
-    now: a clock returning Unix seconds (default time.time), used for document timestamps and
-        dev certificates. nsm_open: path -> NsmDevice (default NsmDevice), for a fake device.
+    clock: a zero-argument callable returning Unix seconds (default time.time), used for
+        document timestamps and dev certificates. nsm_open: path -> NsmDevice (default NsmDevice), for a fake device.
     Raises AttestationConfigError (exit 2) on any misconfiguration.
     """
-    clock = now or time.time
+    clock = clock or time.time
     if settings.mode == "disabled":
         raise AttestationConfigError("ENCLAVE_RUNTIME_MODE=disabled: attestation is off and the "
                                      "runtime refuses to serve")
@@ -367,9 +364,8 @@ def build_attestation(settings, now=None, *, nsm_open=None) -> Attestation:
                 "and TEE_ATTESTATION_REQUIRED=false")
         if path or inline:
             logger.warning("dev-shim mode: TEE_ATTESTATION_DOCUMENT(_PATH) is ignored")
-        now_dt = dt.datetime.fromtimestamp(clock(), dt.timezone.utc)
         try:
-            root = devpki.load_or_create_root(settings.state_dir, now_dt)
+            root = devpki.load_or_create_root(settings.state_dir, clock())
         except devpki.DevPkiError as exc:
             raise AttestationConfigError(str(exc)) from None
         source: AttestationSource = DevShimSource(identity, root, clock=clock)

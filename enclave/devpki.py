@@ -13,6 +13,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +73,10 @@ def dev_dir(state_dir: str | os.PathLike) -> Path:
     return Path(state_dir) / DEV_DIR_NAME
 
 
-def _utc(now: dt.datetime | None) -> dt.datetime:
-    return (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
+def _utc(now: float | None) -> dt.datetime:
+    """`now` (Unix seconds, default time.time()) as an aware UTC datetime, whole seconds."""
+    seconds = time.time() if now is None else now
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(microsecond=0)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -87,7 +90,7 @@ def _key_usage(*, sign: bool, cert_sign: bool) -> x509.KeyUsage:
                          crl_sign=cert_sign, encipher_only=False, decipher_only=False)
 
 
-def _make_root(now: dt.datetime) -> Issued:
+def _make_root(moment: dt.datetime) -> Issued:
     key = ec.generate_private_key(ec.SECP384R1())
     name = _name(ROOT_COMMON_NAME)
     cert = (
@@ -95,8 +98,8 @@ def _make_root(now: dt.datetime) -> Issued:
         .subject_name(name).issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - ROOT_BACKDATE)
-        .not_valid_after(now + ROOT_LIFETIME)
+        .not_valid_before(moment - ROOT_BACKDATE)
+        .not_valid_after(moment + ROOT_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(sign=True, cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -131,7 +134,7 @@ def _locked(directory: Path):
         os.close(fd)
 
 
-def _load_root(directory: Path, now: dt.datetime) -> Issued:
+def _load_root(directory: Path, moment: dt.datetime) -> Issued:
     key_path, cert_path = directory / ROOT_KEY_FILE, directory / ROOT_CERT_FILE
     hint = f"delete {directory} to create a new dev root"
     try:
@@ -148,16 +151,17 @@ def _load_root(directory: Path, now: dt.datetime) -> Issued:
         raise DevPkiError(f"{key_path} does not match {cert_path}; {hint}")
     if "INSECURE" not in cert.subject.rfc4514_string():
         raise DevPkiError(f"{cert_path} does not say INSECURE in its subject; {hint}")
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+    if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
         raise DevPkiError(f"{cert_path} is not valid now (valid "
                           f"{cert.not_valid_before_utc:%Y-%m-%d}.."
                           f"{cert.not_valid_after_utc:%Y-%m-%d}); {hint}")
     return Issued(cert, key, cert.public_bytes(serialization.Encoding.DER))
 
 
-def load_or_create_root(state_dir: str | os.PathLike, now: dt.datetime | None = None) -> Issued:
-    """The persistent dev root under `<state_dir>/dev-attestation/`, created on first use."""
-    now = _utc(now)
+def load_or_create_root(state_dir: str | os.PathLike, now: float | None = None) -> Issued:
+    """The persistent dev root under `<state_dir>/dev-attestation/`, created on first use.
+    `now` is Unix seconds (default time.time())."""
+    moment = _utc(now)
     directory = dev_dir(state_dir)
     try:
         directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -165,8 +169,8 @@ def load_or_create_root(state_dir: str | os.PathLike, now: dt.datetime | None = 
         with _locked(directory):
             key_path, cert_path = directory / ROOT_KEY_FILE, directory / ROOT_CERT_FILE
             if key_path.exists() and cert_path.exists():
-                return _load_root(directory, now)
-            root = _make_root(now)
+                return _load_root(directory, moment)
+            root = _make_root(moment)
             _write_private(key_path, root.key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption()), KEY_MODE)
@@ -187,10 +191,11 @@ def read_root_pem(state_dir: str | os.PathLike) -> bytes:
                           "dev-shim mode once, or pass --root") from None
 
 
-def issue_leaf(root: Issued, now: dt.datetime | None = None, *,
+def issue_leaf(root: Issued, now: float | None = None, *,
                lifetime: dt.timedelta = LEAF_LIFETIME, label: str = "") -> Issued:
-    """A fresh P-384 leaf signed by the dev root, valid `lifetime` from now."""
-    now = _utc(now)
+    """A fresh P-384 leaf signed by the dev root, valid `lifetime` from `now` (Unix seconds,
+    default time.time())."""
+    moment = _utc(now)
     key = ec.generate_private_key(ec.SECP384R1())
     common_name = f"{LEAF_COMMON_NAME} {label}".strip()
     cert = (
@@ -198,8 +203,8 @@ def issue_leaf(root: Issued, now: dt.datetime | None = None, *,
         .subject_name(_name(common_name)).issuer_name(root.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - LEAF_BACKDATE)
-        .not_valid_after(now + lifetime)
+        .not_valid_before(moment - LEAF_BACKDATE)
+        .not_valid_after(moment + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(sign=True, cert_sign=False), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()),

@@ -7,12 +7,12 @@ from create_kms_context() (only the bundled Amazon roots, hostname checked).
 
     envelope.check_pinned(env, pinned_arn, last_version)                      # step 1
     data_key = unwrap_data_key(env, credentials=..., region=..., attest=...,  # steps 2-5
-                               transport=..., now=...)
+                               transport=..., now=time.time())
     payload = envelope.open(env, data_key)                                    # step 6
 
 Every failure raises KmsError with a stable `code` (KMS_CODES). Messages never carry the
 credentials, the data key or the RSA key; KMS's own message is passed on, shortened, because it
-names the failing policy or key and nothing secret.
+names the failing policy or key and nothing secret. Every `now` is Unix seconds (a float).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class AwsCredentials:
     __str__ = __repr__
 
     @classmethod
-    def from_delivery(cls, value, *, now: dt.datetime) -> "AwsCredentials":
+    def from_delivery(cls, value, *, now: float) -> "AwsCredentials":
         """Parse a delivery's AWS_CREDENTIALS strictly; an Expiration at or before `now` raises
         kms_credentials_expired, anything missing or malformed kms_credentials_invalid."""
         if value is None:
@@ -231,14 +231,14 @@ class AwsCredentials:
                    value.get("SessionToken"), expiration).checked(now)
 
     @classmethod
-    def from_environ(cls, environ, *, now: dt.datetime) -> "AwsCredentials":
+    def from_environ(cls, environ, *, now: float) -> "AwsCredentials":
         """AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (operator tooling)."""
         return cls(environ.get("AWS_ACCESS_KEY_ID") or None,
                    environ.get("AWS_SECRET_ACCESS_KEY") or None,
                    environ.get("AWS_SESSION_TOKEN") or None).checked(now)
 
-    def checked(self, now: dt.datetime) -> "AwsCredentials":
-        """This object if well-formed and not expired at `now`, else KmsError."""
+    def checked(self, now: float) -> "AwsCredentials":
+        """This object if well-formed and not expired at `now` (Unix seconds), else KmsError."""
         if self.access_key_id is None or self.secret_access_key is None:
             raise KmsError(CODE_CREDENTIALS_INVALID,
                            "AccessKeyId and SecretAccessKey are both required")
@@ -263,10 +263,11 @@ class AwsCredentials:
         return self
 
 
-def _aware(now: dt.datetime) -> dt.datetime:
-    if not isinstance(now, dt.datetime) or now.utcoffset() is None:
-        raise TypeError("now must be a timezone-aware datetime")
-    return now
+def _aware(now: float) -> dt.datetime:
+    """Unix seconds as the aware UTC datetime an Expiration compares with."""
+    if isinstance(now, bool) or not isinstance(now, (int, float)):
+        raise TypeError("now must be Unix seconds (a float)")
+    return dt.datetime.fromtimestamp(now, dt.timezone.utc)
 
 
 def _parse_expiration(text) -> dt.datetime:
@@ -318,7 +319,7 @@ def _error_from_answer(status: int, body: bytes, operation: str) -> KmsError:
 
 
 def call(operation: str, request: dict, *, credentials: AwsCredentials, region: str,
-         transport, endpoint: str | None = None, now: dt.datetime,
+         transport, endpoint: str | None = None, now: float,
          timeout: float = TIMEOUT_S) -> dict:
     """One signed KMS JSON 1.1 call; the 200 answer as a dict, or KmsError."""
     check_region(region)
@@ -377,7 +378,7 @@ def _check_key_id(answer: dict, key_arn: str, operation: str) -> None:
 
 def unwrap_data_key(envelope: envelope_mod.Envelope, *, credentials: AwsCredentials,
                     region: str, attest: Callable[[bytes], bytes], transport,
-                    endpoint: str | None = None, now: dt.datetime,
+                    endpoint: str | None = None, now: float,
                     timeout: float = TIMEOUT_S) -> bytes:
     """Section 15 steps 2-5: the envelope's 32-byte data key, decrypted by KMS for this enclave.
 
@@ -460,7 +461,7 @@ class DataKey:
 
 
 def generate_data_key(key_arn: str, encryption_context: dict, *, credentials: AwsCredentials,
-                      region: str, transport, endpoint: str | None = None, now: dt.datetime,
+                      region: str, transport, endpoint: str | None = None, now: float,
                       timeout: float = TIMEOUT_S) -> DataKey:
     """GenerateDataKey (AES_256) under `key_arn` with `encryption_context` (seal-secrets)."""
     request = {"KeyId": key_arn, "KeySpec": "AES_256",

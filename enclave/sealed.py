@@ -12,7 +12,6 @@ The credentials are used for this one call: never stored, logged or answered.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from typing import Callable
 
@@ -63,7 +62,7 @@ class SealedSecretsOpener:
         # (1) the pinned key and no rollback, before anything costs a key or a call
         sealed = envelope.check_pinned(envelope.parse(delivery.get(SEALED_SECRETS)),
                                        self.key_arn, last_bundle_version)
-        now = dt.datetime.fromtimestamp(self._clock(), dt.timezone.utc)
+        now = self._clock()
         credentials = kms.AwsCredentials.from_delivery(delivery.get(AWS_CREDENTIALS), now=now)
         region = delivery.get(AWS_REGION, sealed.region)
         # (2)-(5) KMS, with a recipient document for a key made for this call only

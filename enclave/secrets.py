@@ -2,7 +2,7 @@
 
 `parse_delivery(data)` turns the bytes of one delivery into an unverified JSON object.
 `apply_update(current, unverified, now)` validates every key (all-or-nothing) and merges it into
-the current state: keys present replace, absent keys are kept, an explicit `null` clears a key,
+the current state (`now` is Unix seconds, like every time this module takes): keys present replace, absent keys are kept, an explicit `null` clears a key,
 unknown keys reject the whole delivery. ENCLAVE_TOKEN_SEALING_KEY is held as a sealing.Keyring:
 a list states the whole keyring, one key rotates it (see `merge_sealing_key`). Files, TLS contexts and locks live around this module
 (enclave.secretstore); nothing here opens a file or a socket or reads the clock.
@@ -19,7 +19,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Mapping
 from urllib.parse import urlsplit
@@ -198,10 +198,10 @@ class SecretsState:
 
     version: int = 0  # +1 per accepted delivery that changed something
     values: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}), repr=False)
-    updated_at: datetime | None = None  # time of the last change
+    updated_at: float | None = None  # time of the last change, Unix seconds
     received: bool = False  # a valid delivery has been accepted (even one that changed nothing)
     previous_rpc_secret: str | None = field(default=None, repr=False)  # kept for a grace period
-    rpc_rotated_at: datetime | None = None
+    rpc_rotated_at: float | None = None  # Unix seconds
 
     def get(self, key: str):
         return self.values.get(key)
@@ -313,7 +313,12 @@ def _utc(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
+def _aware(now: float) -> datetime:
+    """Unix seconds as the aware UTC datetime X.509 validity compares with."""
+    return datetime.fromtimestamp(now, timezone.utc)
+
+
+def _validate_mtls(unverified, now: float) -> MtlsMaterial:
     key = MTLS_CLIENT_CERT_JSON
     if isinstance(unverified, str):  # the original system also sends the object as a string
         try:
@@ -360,12 +365,14 @@ def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
     if not matches:
         raise KeyMismatch("client_key does not match client_cert")
     # (4) the certificate is within its validity period at `now`.
+    moment = _aware(now)
     not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-    if now < not_before:
+    if moment < not_before:
         raise CertificateNotYetValid(f"client_cert is valid from {_utc(not_before)}, "
-                                     f"now is {_utc(now)}")
-    if now > not_after:
-        raise CertificateExpired(f"client_cert expired at {_utc(not_after)}, now is {_utc(now)}")
+                                     f"now is {_utc(moment)}")
+    if moment > not_after:
+        raise CertificateExpired(f"client_cert expired at {_utc(not_after)}, "
+                                 f"now is {_utc(moment)}")
     # (5) the CA (one or more certificates) parses...
     try:
         cas = x509.load_pem_x509_certificates(pems["ca_cert"])
@@ -387,13 +394,15 @@ def _validate_mtls(unverified, now: datetime) -> MtlsMaterial:
     )
 
 
-def _check_ca(ca: x509.Certificate, where: str, now: datetime) -> None:
-    """A CA certificate usable as a trust anchor at `now`, or InvalidCa naming the rule."""
+def _check_ca(ca: x509.Certificate, where: str, now: float) -> None:
+    """A CA certificate usable as a trust anchor at `now` (Unix seconds), or InvalidCa naming
+    the rule."""
+    moment = _aware(now)
     not_before, not_after = ca.not_valid_before_utc, ca.not_valid_after_utc
-    if now < not_before:
-        raise InvalidCa(f"{where} is valid from {_utc(not_before)}, now is {_utc(now)}")
-    if now > not_after:
-        raise InvalidCa(f"{where} expired at {_utc(not_after)}, now is {_utc(now)}")
+    if moment < not_before:
+        raise InvalidCa(f"{where} is valid from {_utc(not_before)}, now is {_utc(moment)}")
+    if moment > not_after:
+        raise InvalidCa(f"{where} expired at {_utc(not_after)}, now is {_utc(moment)}")
     try:
         extensions = ca.extensions
     except ValueError:  # duplicate or malformed extensions
@@ -555,8 +564,9 @@ def merge_sealing_key(keyring: sealing.Keyring | None,
     return sealing.Keyring(delivered, previous[:sealing.MAX_PREVIOUS_KEYS])
 
 
-def validate_value(key: str, unverified, now: datetime):
-    """One key's canonical value (None for an explicit null), or a SecretsError."""
+def validate_value(key: str, unverified, now: float):
+    """One key's canonical value (None for an explicit null), or a SecretsError.
+    `now` (Unix seconds) is the time certificates must be valid at."""
     if unverified is None:
         return None
     if key == MTLS_CLIENT_CERT_JSON:
@@ -579,9 +589,10 @@ def _unknown_message(keys) -> str:
 
 # --- merge -----------------------------------------------------------------------------------
 
-def apply_update(current: SecretsState, unverified: dict, now: datetime
+def apply_update(current: SecretsState, unverified: dict, now: float
                  ) -> tuple[SecretsState, list[str]]:
     """Validate a whole delivery, then merge it. Returns (new state, changed keys).
+    `now` is Unix seconds, and so are the times the state records (updated_at, rpc_rotated_at).
 
     All-or-nothing: the first invalid key raises and nothing is merged. A delivery that changes
     nothing returns a state with the same version (only `received` may flip to True).
@@ -621,13 +632,14 @@ def apply_update(current: SecretsState, unverified: dict, now: datetime
     return state, changed
 
 
-def rpc_secrets(state: SecretsState, now: datetime, grace_seconds: float) -> list[str]:
-    """The shared secrets an RPC may be signed with: current, then previous within the grace."""
+def rpc_secrets(state: SecretsState, now: float, grace_seconds: float) -> list[str]:
+    """The shared secrets an RPC may be signed with at `now` (Unix seconds): current, then
+    previous within the grace."""
     secrets = []
     current = state.values.get(ENCLAVE_RPC_SHARED_SECRET)
     if current is not None:
         secrets.append(current)
     if (state.previous_rpc_secret is not None and state.rpc_rotated_at is not None
-            and 0 <= (now - state.rpc_rotated_at).total_seconds() < grace_seconds):
+            and 0 <= now - state.rpc_rotated_at < grace_seconds):
         secrets.append(state.previous_rpc_secret)
     return secrets

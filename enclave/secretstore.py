@@ -15,6 +15,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
@@ -68,28 +69,29 @@ class GoogleCredentials:
     client_secret: str = field(repr=False)
 
 
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def _iso(moment: datetime | None) -> str | None:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def _iso_unix(seconds: float | None) -> str | None:
+    return None if seconds is None else _iso(datetime.fromtimestamp(seconds, timezone.utc))
 
 
 class SecretStore:
     """Holds the current SecretsState and the mTLS snapshot; applies deliveries one at a time."""
 
-    def __init__(self, settings, metrics: Metrics | None = None, now_fn=None, *,
+    def __init__(self, settings, metrics: Metrics | None = None, clock=None, *,
                  lock_timeout_s: float = APPLY_LOCK_TIMEOUT_S, sealed=None):
         """Initial values come from `settings` (environment; local). An invalid
         MTLS_CLIENT_CERT_JSON there raises SecretsError (the caller exits 2). The certs
         directory is settled first (certstore.recover): an update a crash interrupted in an
-        earlier run leaves the old complete set or the new one, never a mix.
+        earlier run leaves the old complete set or the new one, never a mix. `clock` is a
+        zero-argument callable returning Unix seconds (default time.time).
         """
         self._settings = settings
         self._certs_dir = settings.certs_dir
         self._metrics = metrics or Metrics()
-        self._now = now_fn or _utc_now
+        self._clock = clock or time.time
         self._lock = threading.Lock()
         self._lock_timeout_s = lock_timeout_s
         self._received = threading.Event()
@@ -124,7 +126,7 @@ class SecretStore:
         if settings.mtls_client_cert_json is not None:
             try:
                 material = secrets.validate_value(MTLS_CLIENT_CERT_JSON,
-                                                  settings.mtls_client_cert_json, self._now())
+                                                  settings.mtls_client_cert_json, self._clock())
             except SecretsError as exc:
                 raise type(exc)(f"MTLS_CLIENT_CERT_JSON from the environment: "
                                 f"{exc.message}") from None
@@ -148,13 +150,11 @@ class SecretStore:
     def mtls(self) -> MtlsSnapshot:
         return self._mtls
 
-    def rpc_secrets(self, now: datetime | float | None = None) -> list[str]:
+    def rpc_secrets(self, now: float | None = None) -> list[str]:
         """The current shared secret, then the previous one for RPC_SECRET_GRACE_S after a
-        rotation. `now` is a datetime or unix seconds (default: the store's clock)."""
+        rotation. `now` is Unix seconds (default: the store's clock)."""
         if now is None:
-            now = self._now()
-        elif not isinstance(now, datetime):
-            now = datetime.fromtimestamp(now, timezone.utc)
+            now = self._clock()
         return secrets.rpc_secrets(self._state, now, RPC_SECRET_GRACE_S)
 
     def google_credentials(self) -> GoogleCredentials | None:
@@ -175,7 +175,7 @@ class SecretStore:
         state, snapshot = self._state, self._mtls
         return {
             "secrets": {"received": state.received, "version": state.version,
-                        "updated_at": _iso(state.updated_at),
+                        "updated_at": _iso_unix(state.updated_at),
                         "source": "kms" if self._sealed is not None else "channel",
                         "bundle_version": self._bundle_version},
             "mtls": {"configured": snapshot.configured, "not_after": _iso(snapshot.not_after)},
@@ -216,7 +216,8 @@ class SecretStore:
             "sealing_key": self.sealing_keyring() is not None,
             "google_credentials": self.google_credentials() is not None,
             "mtls": (snapshot.configured and snapshot.endpoint is not None
-                     and (snapshot.not_after is None or snapshot.not_after > self._now())),
+                     and (snapshot.not_after is None
+                          or snapshot.not_after.timestamp() > self._clock())),
         }
         return [part for part in parts if part in usable and not usable[part]]
 
@@ -282,7 +283,7 @@ class SecretStore:
 
     def _apply_locked(self, unverified: dict) -> tuple[SecretsState, list[str]]:
         current, snapshot = self._state, self._mtls
-        new_state, changed = secrets.apply_update(current, unverified, self._now())
+        new_state, changed = secrets.apply_update(current, unverified, self._clock())
         self._refuse_clearing_required(new_state, changed)
         self._refuse_unroutable_endpoint(new_state, changed)
         if not changed:

@@ -52,14 +52,13 @@ def local_default_secret_allowed(settings: Settings) -> bool:
             and is_loopback_listener(settings.secrets_listen))
 
 
-def preflight(settings: Settings, now=None) -> list[str]:
+def preflight(settings: Settings, now: float | None = None) -> list[str]:
     """Every problem `serve` would refuse before it binds, all at once, naming the variable.
+    Certificates are checked at `now`, Unix seconds (default: time.time()).
 
     `check-config` runs this too. It has no side effects: it writes no file (the dev-shim root is
     created by `serve`), opens no device (`/dev/nsm` exists only in an enclave) and binds nothing.
     """
-    import datetime as dt
-
     from . import attestation, secrets
     from .identity import IdentityError, SigningIdentity
     from .nitro import cose
@@ -99,7 +98,7 @@ def preflight(settings: Settings, now=None) -> list[str]:
             name = "TEE_ATTESTATION_DOCUMENT_PATH" if path else "TEE_ATTESTATION_DOCUMENT"
             problems.append(f"{name}: not an attestation document")
     if settings.mtls_client_cert_json is not None:
-        moment = now or dt.datetime.now(dt.timezone.utc)
+        moment = time.time() if now is None else now
         try:
             secrets.validate_value(secrets.MTLS_CLIENT_CERT_JSON, settings.mtls_client_cert_json,
                                    moment)

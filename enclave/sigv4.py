@@ -196,11 +196,11 @@ def signature(key: bytes, text_to_sign: str) -> str:
     return _hmac(key, text_to_sign).hex()
 
 
-def amz_date(now: datetime.datetime) -> str:
-    """X-Amz-Date for an aware datetime (a naive one is refused: its zone is unknown)."""
-    if not isinstance(now, datetime.datetime) or now.utcoffset() is None:
-        raise SigV4Error("the signing time must be a timezone-aware datetime")
-    return now.astimezone(datetime.timezone.utc).strftime(AMZ_DATE_FORMAT)
+def amz_date(now: float) -> str:
+    """X-Amz-Date for `now`, Unix seconds (anything else, a datetime included, is refused)."""
+    if isinstance(now, bool) or not isinstance(now, (int, float)):
+        raise SigV4Error("the signing time must be Unix seconds (a float)")
+    return datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime(AMZ_DATE_FORMAT)
 
 
 def _split_target(url_or_path: str) -> tuple[str, str, str]:
@@ -221,8 +221,9 @@ def _split_target(url_or_path: str) -> tuple[str, str, str]:
 
 def sign(method: str, url_or_path: str, headers, body: bytes, *, access_key: str,
          secret_key: str, session_token: str | None = None, region: str, service: str,
-         now: datetime.datetime) -> dict[str, str]:
-    """The headers to add to a request so that it carries a SigV4 signature made at `now`.
+         now: float) -> dict[str, str]:
+    """The headers to add to a request so that it carries a SigV4 signature made at `now`
+    (Unix seconds).
 
     Returns `X-Amz-Date`, `Authorization`, `X-Amz-Security-Token` (signed) when a session token
     is given, and `Host` when `headers` has none and `url_or_path` is a full URL. Every header in

@@ -159,11 +159,11 @@ class TestDevPki(TempStateCase):
 
     def test_leaf_looks_like_a_nitro_leaf(self):
         root = devpki.load_or_create_root(self.state_dir)
-        now = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
-        leaf = devpki.issue_leaf(root, now)
+        moment = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+        leaf = devpki.issue_leaf(root, moment.timestamp())
         cert = leaf.cert
         cert.verify_directly_issued_by(root.cert)
-        self.assertEqual(cert.not_valid_after_utc - now, devpki.LEAF_LIFETIME)
+        self.assertEqual(cert.not_valid_after_utc - moment, devpki.LEAF_LIFETIME)
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
         self.assertTrue(bc.critical)
         self.assertFalse(bc.value.ca)

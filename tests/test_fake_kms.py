@@ -2,7 +2,6 @@
 driving it, its process mode, and a prompt shutdown."""
 
 import base64
-import datetime as dt
 import json
 import logging
 import os
@@ -239,12 +238,11 @@ class StaleSignatureTest(FakeFixture):
         transport = OutboundClient(context=kms.create_kms_context(self.ca_file))
         try:
             creds = kms.AwsCredentials.from_delivery(fake.credentials(),
-                                                     now=dt.datetime.now(dt.timezone.utc))
+                                                     now=time.time())
             with self.assertRaises(kms.KmsError) as ctx:
                 kms.generate_data_key(fake.key_arn, {}, credentials=creds,
                                       region=fake_kms.DEFAULT_REGION, transport=transport,
-                                      endpoint=fake.url, now=dt.datetime.fromtimestamp(
-                                          clock_now, dt.timezone.utc))
+                                      endpoint=fake.url, now=clock_now)
             self.assertEqual(ctx.exception.kms_type, "InvalidSignatureException")
             self.assertRegex(ctx.exception.message,
                              r"Signature expired: \d{8}T\d{6}Z is now earlier than "
@@ -261,14 +259,14 @@ class LifecycleTest(FakeFixture):
         fake.set_mode("hang")
         transport = OutboundClient(context=kms.create_kms_context(self.ca_file))
         creds = kms.AwsCredentials.from_delivery(fake.credentials(),
-                                                 now=dt.datetime.now(dt.timezone.utc))
+                                                 now=time.time())
         errors = []
 
         def call():
             try:
                 kms.generate_data_key(fake.key_arn, {}, credentials=creds,
                                       region=fake_kms.DEFAULT_REGION, transport=transport,
-                                      endpoint=fake.url, now=dt.datetime.now(dt.timezone.utc),
+                                      endpoint=fake.url, now=time.time(),
                                       timeout=10)
             except kms.KmsError as exc:
                 errors.append(exc.code)
@@ -309,7 +307,7 @@ class LifecycleTest(FakeFixture):
                     data_key = kms.generate_data_key(
                         info["key_arn"], {"purpose": envelope.PURPOSE}, credentials=creds,
                         region=info["region"], transport=transport, endpoint=info["url"],
-                        now=dt.datetime.now(dt.timezone.utc))
+                        now=time.time())
                     remember_secret(data_key.plaintext, kind="test data key")
                 finally:
                     transport.close()

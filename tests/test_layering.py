@@ -2,7 +2,10 @@
 
 - enclave/nitro/ (the verifier library) imports nothing of the runtime but the root error type;
 - only enclave/host/ and enclave/cli.py import enclave/host/;
-- the trust cores take plain values: they never import the configuration.
+- the trust cores take plain values: they never import the configuration;
+- one representation of time at module boundaries: outside enclave/nitro every function
+  parameter named `now` is Unix seconds, annotated `float` (or `float | None`), never a
+  datetime. enclave/nitro keeps `at_ms`, the unit of Nitro documents.
 """
 
 import ast
@@ -17,6 +20,7 @@ NITRO_MAY_IMPORT = {"enclave", "enclave.errors"}
 TRUST_CORES = ("enclave.secrets", "enclave.rpcauth", "enclave.nsm", "enclave.sealing",
                "enclave.sigv4", "enclave.cms", "enclave.envelope")
 HOST_IMPORTERS = ("enclave.host", "enclave.cli")
+NOW_ANNOTATIONS = ("float", "float | None")
 
 
 def module_name(path: Path) -> str:
@@ -78,6 +82,40 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
     return found
 
 
+def time_violations(name: str, source: str) -> list[str]:
+    """Every function parameter named `now` in module `name` is annotated Unix seconds
+    (NOW_ANNOTATIONS); enclave/nitro is exempt (it takes `at_ms`)."""
+    if is_under(name, "enclave.nitro"):
+        return []
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arguments = node.args
+        for arg in arguments.posonlyargs + arguments.args + arguments.kwonlyargs:
+            if arg.arg != "now":
+                continue
+            where = f"{name}.{node.name} (line {node.lineno})"
+            annotation = ast.unparse(arg.annotation) if arg.annotation is not None else None
+            if annotation is None:
+                found.append(f"{where}: parameter now has no annotation; it is Unix seconds "
+                             "(float)")
+            elif "datetime" in annotation:
+                found.append(f"{where}: parameter now is annotated {annotation}; the time "
+                             "crosses modules as Unix seconds (float), not a datetime")
+            elif annotation not in NOW_ANNOTATIONS:
+                found.append(f"{where}: parameter now is annotated {annotation}; expected "
+                             f"{' or '.join(NOW_ANNOTATIONS)}")
+    return found
+
+
+def package_time_violations() -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found.extend(time_violations(module_name(path), path.read_text()))
+    return found
+
+
 class TestLayering(unittest.TestCase):
     def test_the_package_keeps_its_layers(self):
         graph = package_graph()
@@ -106,6 +144,37 @@ class TestLayering(unittest.TestCase):
             "enclave.server -> enclave.host.probe: only enclave.host and enclave.cli import "
             "enclave.host",
         ])
+
+    def test_now_is_unix_seconds_at_every_boundary(self):
+        self.assertEqual(package_time_violations(), [])
+        # the check reads the package: the functions it must see are there
+        source = (PACKAGE / "secrets.py").read_text()
+        self.assertIn("def apply_update(current: SecretsState, unverified: dict, now: float",
+                      source)
+
+    def test_the_time_rule_catches_planted_parameters(self):
+        planted = ("import datetime as dt\n"
+                   "from datetime import datetime\n"
+                   "def a(now: float): ...\n"
+                   "def b(x, *, now: float | None = None): ...\n"
+                   "def c(now: dt.datetime): ...\n"
+                   "def d(now: datetime | None = None): ...\n"
+                   "def e(now=None): ...\n"
+                   "class K:\n"
+                   "    async def f(self, now: int): ...\n"
+                   "    def g(self, moment: dt.datetime, at_ms: int): ...\n")
+        self.assertEqual(time_violations("enclave.planted", planted), [
+            "enclave.planted.c (line 5): parameter now is annotated dt.datetime; the time "
+            "crosses modules as Unix seconds (float), not a datetime",
+            "enclave.planted.d (line 6): parameter now is annotated datetime | None; the time "
+            "crosses modules as Unix seconds (float), not a datetime",
+            "enclave.planted.e (line 7): parameter now has no annotation; it is Unix seconds "
+            "(float)",
+            "enclave.planted.f (line 9): parameter now is annotated int; expected float or "
+            "float | None",
+        ])
+        # enclave/nitro keeps its own unit and is not read by this rule
+        self.assertEqual(time_violations("enclave.nitro.planted", planted), [])
 
     def test_importing_the_verifier_loads_no_runtime_module(self):
         script = ("import sys, enclave.nitro; print('\\n'.join(sorted(m for m in sys.modules "

@@ -16,7 +16,6 @@ name against a test CA standing in for the bundled Amazon roots.
 
 import base64
 import contextlib
-import datetime as dt
 import io
 import json
 import os
@@ -233,7 +232,7 @@ class BootCase(unittest.TestCase):
         type(self).bundle_version += 1
         version = type(self).bundle_version
         context = {"purpose": envelope.PURPOSE, "bundle_version": str(version)}
-        now = dt.datetime.now(dt.timezone.utc)
+        now = time.time()
         credentials = kms.AwsCredentials.from_delivery(self.fake_kms.credentials(), now=now)
         data_key = kms.generate_data_key(self.key_arn, context, credentials=credentials,
                                          region=self.region, transport=self.sealer,

@@ -5,9 +5,9 @@ the fake KMS, allowed and denied by its PCR0 policy."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
@@ -37,10 +37,6 @@ def setUpModule():
 def tearDownModule():
     while _quiet:
         _quiet.pop()()
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def rsa_spki() -> bytes:
@@ -215,18 +211,18 @@ class KmsUnwrapTest(StateCase):
         context = {"purpose": envelope.PURPOSE, "bundle_version": "3"}
         data_key = kms.generate_data_key(fake.key_arn, context, credentials=creds,
                                          region=DEFAULT_REGION, transport=self.transport,
-                                         endpoint=fake.url, now=utcnow())
+                                         endpoint=fake.url, now=time.time())
         remember_secret(data_key.plaintext, kind="test data key")
         return envelope.parse(envelope.seal(
             PAYLOAD, kms_key_arn=fake.key_arn, bundle_version=3, data_key=data_key.plaintext,
             encrypted_data_key=data_key.ciphertext_blob, nonce=os.urandom(12)))
 
     def unwrap(self, fake: FakeKms, attest) -> bytes:
-        creds = kms.AwsCredentials.from_delivery(fake.credentials(), now=utcnow())
+        creds = kms.AwsCredentials.from_delivery(fake.credentials(), now=time.time())
         env = self.sealed(fake, creds)
         data_key = kms.unwrap_data_key(env, credentials=creds, region=DEFAULT_REGION,
                                        attest=attest, transport=self.transport,
-                                       endpoint=fake.url, now=utcnow())
+                                       endpoint=fake.url, now=time.time())
         remember_secret(data_key, kind="unwrapped data key")
         self.assertEqual(envelope.open(env, data_key), PAYLOAD)
         return data_key

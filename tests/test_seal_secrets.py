@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime as dt
 import io
 import json
 import os
@@ -18,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,10 +38,6 @@ PAYLOAD = {"ENCLAVE_RPC_SHARED_SECRET": "seal-test-rpc-secret-0123456789abcdef-x
            "GOOGLE_OAUTH_CLIENT_SECRET": "GOCSPX-seal-test-client-secret-0000"}
 remember_secret(*PAYLOAD.values(), kind="seal-secrets test payload")
 SUBPROCESS_TIMEOUT_S = 60
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def dead_https_url() -> str:
@@ -77,7 +73,7 @@ class SealFixture(unittest.TestCase):
         self.fake.set_mode("normal")
 
     def credentials(self) -> kms.AwsCredentials:
-        return kms.AwsCredentials.from_delivery(self.fake.credentials(), now=utcnow())
+        return kms.AwsCredentials.from_delivery(self.fake.credentials(), now=time.time())
 
     def aws_environ(self, **extra) -> dict:
         creds = self.fake.credentials()
@@ -106,7 +102,7 @@ class SealFixture(unittest.TestCase):
             self.assertEqual(parsed.bundle_version, version)
         data_key = kms.unwrap_data_key(parsed, credentials=self.credentials(), region=REGION,
                                        attest=self.minter, transport=self.transport,
-                                       endpoint=self.fake.url, now=utcnow())
+                                       endpoint=self.fake.url, now=time.time())
         remember_secret(data_key, kind="unwrapped data key")
         self.assertEqual(envelope.open(parsed, data_key), expected_payload)
 
@@ -250,7 +246,7 @@ class AwsCliRecipeTest(SealFixture):
                            "EncryptionContext": {"purpose": "enclave-secrets/v1",
                                                  "bundle_version": str(version)}},
                           credentials=self.credentials(), region=REGION,
-                          transport=self.transport, endpoint=self.fake.url, now=utcnow())
+                          transport=self.transport, endpoint=self.fake.url, now=time.time())
         remember_secret(answer["Plaintext"], base64.b64decode(answer["Plaintext"]),
                         kind="recipe data key")
         return answer
@@ -262,7 +258,7 @@ class AwsCliRecipeTest(SealFixture):
         data_key = kms.generate_data_key(self.fake.key_arn, context,
                                          credentials=self.credentials(), region=REGION,
                                          transport=self.transport, endpoint=self.fake.url,
-                                         now=utcnow())
+                                         now=time.time())
         remember_secret(data_key.plaintext, kind="recipe data key")
         # (2) the plaintext: the payload plus "bundle_version": N (an integer)
         plaintext = json.dumps(dict(PAYLOAD, bundle_version=version)).encode("utf-8")

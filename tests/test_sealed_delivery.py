@@ -198,9 +198,9 @@ class SealedStackCase(unittest.TestCase):
         context = {"purpose": envelope.PURPOSE, "bundle_version": str(version)}
         data_key = kms.generate_data_key(
             key_arn, context, credentials=kms.AwsCredentials.from_environ(
-                self.aws_environ(), now=utcnow()),
+                self.aws_environ(), now=time.time()),
             region=self.fake.region, transport=self.transport, endpoint=self.fake.url,
-            now=utcnow())
+            now=time.time())
         remember_secret(data_key.plaintext, kind="test data key")
         self.local_secrets[b64(data_key.plaintext)] = "data key"
         return envelope.seal(payload, kms_key_arn=key_arn, bundle_version=version,

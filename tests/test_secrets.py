@@ -17,7 +17,8 @@ from enclave.secrets import SecretsState, apply_update, parse_delivery
 from tests.fakes.pki import TestCA
 from tests.support import remember_private_key, remember_secret
 
-NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+NOW_DT = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)  # for certificate validity
+NOW = NOW_DT.timestamp()  # `now` as the module takes it: Unix seconds
 RPC_SECRET = "r" * 40
 OTHER_RPC_SECRET = "s" * 40
 SEALING_KEY_B64 = base64.b64encode(bytes(range(32))).decode()
@@ -45,8 +46,10 @@ def unusable_cas() -> list[tuple[str, TestCA]]:
     if _UNUSABLE_CAS is None:
         day = dt.timedelta(days=1)
         _UNUSABLE_CAS = [
-            ("expired", TestCA("Expired CA", not_before=NOW - 10 * day, not_after=NOW - day)),
-            ("not yet valid", TestCA("Future CA", not_before=NOW + day, not_after=NOW + 10 * day)),
+            ("expired", TestCA("Expired CA", not_before=NOW_DT - 10 * day,
+                               not_after=NOW_DT - day)),
+            ("not yet valid", TestCA("Future CA", not_before=NOW_DT + day,
+                                     not_after=NOW_DT + 10 * day)),
             ("CA:FALSE", TestCA("Not A CA", ca=False)),
             ("no basicConstraints", TestCA("No Constraints CA", ca=None)),
             ("keyUsage without keyCertSign", TestCA("No CertSign CA", key_cert_sign=False)),
@@ -143,10 +146,10 @@ class ApplyUpdateRefusalTest(unittest.TestCase):
         ca = shared_ca()
         good = ca.issue("enclave-client")
         other = ca.issue("someone-else")
-        expired = ca.issue("expired", not_before=NOW - dt.timedelta(days=10),
-                           not_after=NOW - dt.timedelta(days=1))
-        future = ca.issue("future", not_before=NOW + dt.timedelta(days=1),
-                          not_after=NOW + dt.timedelta(days=10))
+        expired = ca.issue("expired", not_before=NOW_DT - dt.timedelta(days=10),
+                           not_after=NOW_DT - dt.timedelta(days=1))
+        future = ca.issue("future", not_before=NOW_DT + dt.timedelta(days=1),
+                          not_after=NOW_DT + dt.timedelta(days=10))
         encrypted_key = good.key.private_bytes(
             secrets.serialization.Encoding.PEM, secrets.serialization.PrivateFormat.PKCS8,
             secrets.serialization.BestAvailableEncryption(b"passphrase"))
@@ -363,13 +366,13 @@ class UnusableCaTest(unittest.TestCase):
                         self.assertNotIn(secret, caught.exception.message)
 
     def test_ca_validity_is_judged_at_now(self):
-        ca = TestCA("Short CA", not_before=NOW - dt.timedelta(hours=1),
-                    not_after=NOW + dt.timedelta(hours=1))
-        issued = ca.issue("enclave-client", not_before=NOW - dt.timedelta(hours=3),
-                          not_after=NOW + dt.timedelta(days=2))
+        ca = TestCA("Short CA", not_before=NOW_DT - dt.timedelta(hours=1),
+                    not_after=NOW_DT + dt.timedelta(hours=1))
+        issued = ca.issue("enclave-client", not_before=NOW_DT - dt.timedelta(hours=3),
+                          not_after=NOW_DT + dt.timedelta(days=2))
         payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(issued, ca_pem=ca.cert_pem)}
         apply_update(SecretsState(), payload, NOW)
-        for moment in (NOW + dt.timedelta(hours=2), NOW - dt.timedelta(hours=2)):
+        for moment in (NOW + 7200, NOW - 7200):
             with self.subTest(moment=moment):
                 with self.assertRaises(secrets.InvalidCa):
                     apply_update(SecretsState(), payload, moment)
@@ -383,7 +386,7 @@ class ApplyUpdateMergeTest(unittest.TestCase):
         self.assertEqual((state.version, state.received, state.updated_at), (1, True, NOW))
         self.assertEqual(changed, ["ECS_WATERMARK_ENDPOINT", "GOOGLE_OAUTH_CLIENT_ID",
                                    "GOOGLE_OAUTH_CLIENT_SECRET"])
-        later = NOW + dt.timedelta(minutes=5)
+        later = NOW + 300
         state2, changed = apply_update(state, {"GOOGLE_OAUTH_CLIENT_ID": "id-2",
                                                "ECS_WATERMARK_ENDPOINT": None}, later)
         self.assertEqual(changed, ["ECS_WATERMARK_ENDPOINT", "GOOGLE_OAUTH_CLIENT_ID"])
@@ -405,7 +408,7 @@ class ApplyUpdateMergeTest(unittest.TestCase):
         payload = {"MTLS_CLIENT_CERT_JSON": obj, "ENCLAVE_RPC_SHARED_SECRET": RPC_SECRET}
         state, changed = apply_update(SecretsState(), payload, NOW)
         self.assertEqual(state.version, 1)
-        again, changed = apply_update(state, payload, NOW + dt.timedelta(hours=1))
+        again, changed = apply_update(state, payload, NOW + 3600)
         self.assertEqual(changed, [])
         self.assertIs(again, state)  # same version, same object, same updated_at
         # The same material as a JSON string (the original system sends both forms).
@@ -437,14 +440,14 @@ class ApplyUpdateMergeTest(unittest.TestCase):
         self.assertEqual(state.mtls.ca_cert_pem.count(b"BEGIN CERTIFICATE"), 2)
 
     def test_validity_is_judged_at_now(self):
-        issued = shared_ca().issue("enclave-client", not_before=NOW - dt.timedelta(hours=1),
-                                 not_after=NOW + dt.timedelta(hours=1))
+        issued = shared_ca().issue("enclave-client", not_before=NOW_DT - dt.timedelta(hours=1),
+                                 not_after=NOW_DT + dt.timedelta(hours=1))
         payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(issued)}
         apply_update(SecretsState(), payload, NOW)
         with self.assertRaises(secrets.CertificateExpired):
-            apply_update(SecretsState(), payload, NOW + dt.timedelta(hours=2))
+            apply_update(SecretsState(), payload, NOW + 7200)
         with self.assertRaises(secrets.CertificateNotYetValid):
-            apply_update(SecretsState(), payload, NOW - dt.timedelta(hours=2))
+            apply_update(SecretsState(), payload, NOW - 7200)
 
     def test_values_are_canonical(self):
         state, _ = apply_update(SecretsState(), {"ENCLAVE_TOKEN_SEALING_KEY": SEALING_KEY_B64,
@@ -594,7 +597,7 @@ class RpcRotationTest(unittest.TestCase):
         self.assertEqual(secrets.rpc_secrets(state, NOW, self.GRACE), [RPC_SECRET])
         rotated, changed = apply_update(state, {"ENCLAVE_RPC_SHARED_SECRET": OTHER_RPC_SECRET}, NOW)
         self.assertEqual(changed, ["ENCLAVE_RPC_SHARED_SECRET"])
-        at = lambda seconds: NOW + dt.timedelta(seconds=seconds)  # noqa: E731
+        at = lambda seconds: NOW + seconds  # noqa: E731
         self.assertEqual(secrets.rpc_secrets(rotated, at(0), self.GRACE),
                          [OTHER_RPC_SECRET, RPC_SECRET])
         self.assertEqual(secrets.rpc_secrets(rotated, at(299), self.GRACE),

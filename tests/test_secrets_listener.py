@@ -14,6 +14,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 import unittest
 from pathlib import Path
 from unittest import mock
@@ -69,10 +70,11 @@ def file_hashes(directory: Path) -> dict:
 
 
 class Clock:
-    def __init__(self, start: dt.datetime):
+    """A store clock the test sets: Unix seconds."""
+    def __init__(self, start: float):
         self.now = start
 
-    def __call__(self) -> dt.datetime:
+    def __call__(self) -> float:
         return self.now
 
 
@@ -402,8 +404,8 @@ class SerializationTest(ChannelTestCase):
 class LifecycleTest(ChannelTestCase):
     def test_delivery_at_startup_and_an_hour_later_without_restart(self):
         start = dt.datetime.now(dt.timezone.utc)
-        clock = Clock(start)
-        store = self.make_store(now_fn=clock)
+        clock = Clock(start.timestamp())
+        store = self.make_store(clock=clock)
         listener = self.make_listener(store)
         ca = shared_ca()
         first = ca.issue("enclave-client", not_before=start - dt.timedelta(hours=1),
@@ -424,7 +426,7 @@ class LifecycleTest(ChannelTestCase):
             self.assertIn(line, text)
         context_at_start = store.mtls().context
 
-        clock.now = start + dt.timedelta(hours=1)
+        clock.now = (start + dt.timedelta(hours=1)).timestamp()
         # The start-up certificate has expired by now: re-delivering it is refused...
         ack = send(listener.address, self.payload({"MTLS_CLIENT_CERT_JSON": mtls_object(first)}))
         self.assertEqual(ack["error"]["code"], "certificate_expired")
@@ -438,7 +440,8 @@ class LifecycleTest(ChannelTestCase):
         self.assertIsNot(store.mtls().context, context_at_start)
         self.assertEqual(store.mtls().not_after, later.cert.not_valid_after_utc)
         self.assertEqual(store.health()["secrets"]["updated_at"],
-                         clock.now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                         dt.datetime.fromtimestamp(clock.now, dt.timezone.utc)
+                         .strftime("%Y-%m-%dT%H:%M:%SZ"))
 
     def test_no_initial_secrets(self):
         store = self.make_store()
@@ -449,16 +452,16 @@ class LifecycleTest(ChannelTestCase):
         self.assertIn("No initial secrets received (will continue listening in background)", text)
 
     def test_rpc_secret_rotation_grace(self):
-        start = dt.datetime.now(dt.timezone.utc)
+        start = time.time()
         clock = Clock(start)
-        store = self.make_store(now_fn=clock)
+        store = self.make_store(clock=clock)
         self.assertEqual(store.rpc_secrets(), [LOCAL_DEFAULT_RPC_SECRET])
         ack = store.deliver(self.payload({"ENCLAVE_RPC_SHARED_SECRET": NEW_RPC_SECRET}))
         self.assertEqual(ack["changed"], ["ENCLAVE_RPC_SHARED_SECRET"])
         both = [NEW_RPC_SECRET, LOCAL_DEFAULT_RPC_SECRET]
-        self.assertEqual(store.rpc_secrets(start + dt.timedelta(seconds=RPC_SECRET_GRACE_S - 1)), both)
-        self.assertEqual(store.rpc_secrets(start.timestamp() + 120), both)  # unix seconds too
-        clock.now = start + dt.timedelta(seconds=RPC_SECRET_GRACE_S)
+        self.assertEqual(store.rpc_secrets(start + RPC_SECRET_GRACE_S - 1), both)
+        self.assertEqual(store.rpc_secrets(start + 120), both)
+        clock.now = start + RPC_SECRET_GRACE_S
         self.assertEqual(store.rpc_secrets(), [NEW_RPC_SECRET])
         self.assertEqual(RPC_SECRET_GRACE_S, 300)
 
@@ -516,13 +519,13 @@ class StoreTest(ChannelTestCase):
 
     def test_expired_client_certificate_is_not_ready(self):
         issued = shared_ca().issue("enclave-client")
-        clock = Clock(dt.datetime.now(dt.timezone.utc))
-        store = self.make_store(now_fn=clock)
+        clock = Clock(time.time())
+        store = self.make_store(clock=clock)
         payload = {"MTLS_CLIENT_CERT_JSON": mtls_object(issued),
                    "ECS_WATERMARK_ENDPOINT": "https://wm.local:8443"}
         self.assertTrue(store.deliver(self.payload(payload))["ok"])
         self.assertEqual(store.missing(("mtls",)), [])
-        clock.now = issued.cert.not_valid_after_utc + dt.timedelta(seconds=1)
+        clock.now = issued.cert.not_valid_after_utc.timestamp() + 1
         self.assertEqual(store.missing(("mtls",)), ["mtls"])  # readiness follows what works
 
     def test_strict_environment_has_no_sealing_key_until_delivered(self):

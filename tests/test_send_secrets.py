@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import http.server
 import io
 import json
@@ -19,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 import urllib.error
 import urllib.request
@@ -447,7 +447,7 @@ class KmsDeliveryScriptTest(KmsDeliveryFixture):
             "AWS_REGION": "eu-west-1"})
         # what the enclave will parse: the envelope and the credentials, as the runtime does
         self.assertEqual(envelope.parse(delivery["SEALED_SECRETS"]).kms_key_arn, KMS_KEY_ARN)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = time.time()
         kms.AwsCredentials.from_delivery(delivery["AWS_CREDENTIALS"], now=now)
         self.assert_nothing_shows(result, self.creds["SecretAccessKey"], self.creds["Token"],
                                   self.creds["AccessKeyId"])
@@ -484,7 +484,7 @@ class KmsDeliveryScriptTest(KmsDeliveryFixture):
                                        "SessionToken": self.creds["Token"],
                                        "Expiration": "2099-05-09T17:00:00Z"})
         parsed = kms.AwsCredentials.from_delivery(credentials,
-                                                  now=dt.datetime.now(dt.timezone.utc))
+                                                  now=time.time())
         self.assertEqual(parsed.expiration.year, 2099)
         self.assert_nothing_shows(result, self.creds["SecretAccessKey"], self.creds["Token"],
                                   imds.token)
@@ -628,7 +628,7 @@ class KmsDeliveryCommandTest(KmsDeliveryFixture):
         self.assertEqual(list(delivery), ["SEALED_SECRETS", "AWS_CREDENTIALS", "AWS_REGION"])
         self.assertEqual(envelope.parse(delivery["SEALED_SECRETS"]).kms_key_arn, KMS_KEY_ARN)
         parsed = kms.AwsCredentials.from_delivery(delivery["AWS_CREDENTIALS"],
-                                                  now=dt.datetime.now(dt.timezone.utc))
+                                                  now=time.time())
         self.assertEqual(parsed.expiration.year, 2099)
         self.assert_no_credentials(out, err, extra=(imds.token,))
 

@@ -17,11 +17,11 @@ its error code and message, never a value).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import secrets
 import sys
+import time
 
 from .. import envelope, kms, strictjson
 from ..outbound import OutboundClient
@@ -71,9 +71,9 @@ def _from_flag_or_environ(value, flag: str, environ, names) -> tuple[str | None,
     return None, flag
 
 
-def _load_payload(path: str, now: dt.datetime) -> dict:
+def _load_payload(path: str, now: float) -> dict:
     """The payload as the enclave will read it, checked by the runtime's validator, or
-    UsageError (whose message names keys and codes, never a value)."""
+    UsageError (whose message names keys and codes, never a value). `now`: Unix seconds."""
     raw = read_bounded(path, MAX_PAYLOAD_BYTES, "the payload file")
     try:
         payload = strictjson.loads(raw.decode("utf-8"))
@@ -100,9 +100,9 @@ def _load_payload(path: str, now: dt.datetime) -> dict:
     return payload
 
 
-def run(args, environ=None, now=None) -> int:
+def run(args, environ=None, now: float | None = None) -> int:
     environ = os.environ if environ is None else environ
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = time.time() if now is None else now
     try:
         arn, arn_region = envelope.parse_key_arn(args.kms_key_arn)
         region = args.region or environ.get("AWS_REGION") or \
@@ -111,7 +111,7 @@ def run(args, environ=None, now=None) -> int:
         if region != arn_region:
             raise UsageError(f"region {region} is not the key's region {arn_region}")
         bundle_version = (args.bundle_version if args.bundle_version is not None
-                          else int(now.timestamp()))
+                          else int(now))
         if not 0 <= bundle_version < 10 ** envelope.MAX_BUNDLE_VERSION_DIGITS:
             raise UsageError("--bundle-version must be a non-negative integer of at most "
                              f"{envelope.MAX_BUNDLE_VERSION_DIGITS} digits")

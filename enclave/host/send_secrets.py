@@ -22,7 +22,6 @@ and missing or malformed env credentials.
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import json
 import os
@@ -275,10 +274,10 @@ def _read_envelope(path: str) -> tuple[dict, str]:
     return obj, parsed.region
 
 
-def build_sealed_delivery(envelope_path: str, environ, now: dt.datetime) -> bytes:
+def build_sealed_delivery(envelope_path: str, environ, now: float) -> bytes:
     """The section 15 delivery for the envelope in `envelope_path`, with credentials from the
     environment or IMDSv2, as compact JSON; or _Refused. The envelope is read and checked
-    first, so a bad file costs no IMDS request."""
+    first, so a bad file costs no IMDS request. `now`: Unix seconds."""
     obj, region = _read_envelope(envelope_path)
     given = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
     if given and given != region:
@@ -307,7 +306,7 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def run(args, environ=None, now=None) -> int:
+def run(args, environ=None, now: float | None = None) -> int:
     environ = os.environ if environ is None else environ
     envelope_file = getattr(args, "envelope_file", None)
     if envelope_file is not None and args.file is not None:
@@ -325,7 +324,7 @@ def run(args, environ=None, now=None) -> int:
     if envelope_file is not None:
         try:
             payload = build_sealed_delivery(envelope_file, environ,
-                                            now or dt.datetime.now(dt.timezone.utc))
+                                            time.time() if now is None else now)
         except _Refused as exc:
             print(f"send-secrets: {exc}", file=sys.stderr)
             return exc.exit_code

@@ -53,10 +53,12 @@ def dumps_indefinite(value, *, nested: bool = True) -> bytes:
 TEST_ROOT_COMMON_NAME = "Enclave test Nitro root (tests only)"
 
 
-def make_test_root(now: dt.datetime | None = None) -> devpki.Issued:
+def make_test_root(now: float | None = None) -> devpki.Issued:
     """A Nitro-shaped root for tests that must pass strict checks: unlike the dev-shim root its
-    subject does not say INSECURE, so `probe --require-attestation --root` accepts it."""
-    now = (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
+    subject does not say INSECURE, so `probe --require-attestation --root` accepts it. Valid
+    around `now`, Unix seconds (default time.time())."""
+    moment = dt.datetime.fromtimestamp(time.time() if now is None else now,
+                                       dt.timezone.utc).replace(microsecond=0)
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TEST_ROOT_COMMON_NAME)])
     usage = x509.KeyUsage(digital_signature=True, content_commitment=False,
@@ -65,8 +67,8 @@ def make_test_root(now: dt.datetime | None = None) -> devpki.Issued:
                           decipher_only=False)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
+            .not_valid_before(moment - dt.timedelta(hours=1))
+            .not_valid_after(moment + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(usage, critical=True)
             .sign(key, hashes.SHA384()))
