@@ -16,6 +16,7 @@ only the project's code; cryptography and cbor2 come from the image's site-packa
 """
 
 import os
+import subprocess
 import sys
 import time
 import zipfile
@@ -39,31 +40,56 @@ def in_enclave_image(relative: str) -> bool:
     return folder != HOST_PACKAGE or name in IN_THE_IMAGE_FROM_HOST
 
 
+class BuildError(Exception):
+    """The tree cannot be packed as it is (exit 2)."""
+
+
+def tracked_files() -> list[str] | None:
+    """The package files git tracks (relative paths), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", "enclave"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [name for name in out.decode("utf-8").split("\0") if name]
+
+
 def source_files(host: bool = False) -> list[Path]:
+    """What goes into the archive. In a git checkout, ONLY files git tracks: a file git ignores
+    or does not know (a key, a scratch module) must never reach a public, measured image, and a
+    file that is not committed would make PCR0 impossible to rebuild from the commit."""
     package = ROOT / "enclave"
-    files = [p for p in package.rglob("*") if p.is_file() and p.suffix in INCLUDE_SUFFIXES
-             and "__pycache__" not in p.parts
-             and (host or in_enclave_image(p.relative_to(ROOT).as_posix()))]
-    return sorted(files, key=lambda p: p.relative_to(ROOT).as_posix())
+    on_disk = {p.relative_to(ROOT).as_posix() for p in package.rglob("*")
+               if p.is_file() and p.suffix in INCLUDE_SUFFIXES and "__pycache__" not in p.parts}
+    tracked = tracked_files()
+    if tracked is not None:
+        stray = sorted(on_disk - set(tracked))
+        if stray:
+            raise BuildError("files under enclave/ that git does not track would go into the "
+                             f"archive: {', '.join(stray)} (commit or remove them)")
+    names = sorted(n for n in on_disk if host or in_enclave_image(n))
+    return [ROOT / n for n in names]
 
 
 def build(output: Path, host: bool = False) -> Path:
-    epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", ZIP_EPOCH)), ZIP_EPOCH)
+    epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH") or ZIP_EPOCH), ZIP_EPOCH)
     date_time = time.gmtime(epoch)[:6]
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".tmp")
     with open(tmp, "wb") as raw:
         raw.write(SHEBANG)
-        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        # Stored, not deflated: zlib builds differ in what they emit (zlib-ng, hardware
+        # deflate), so compressed bytes, and the PCRs, would depend on the build host.
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as zf:
             entries = [("__main__.py", MAIN)]
             entries += [(p.relative_to(ROOT).as_posix(), p.read_bytes())
                         for p in source_files(host)]
             for name, data in entries:
                 info = zipfile.ZipInfo(name, date_time)
                 info.external_attr = (0o100000 | FILE_MODE) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
+                info.compress_type = zipfile.ZIP_STORED
                 info.create_system = 3  # unix, whatever the build host
-                zf.writestr(info, data, compresslevel=9)
+                zf.writestr(info, data)
     os.chmod(tmp, 0o755)
     os.replace(tmp, output)
     return output
@@ -93,7 +119,11 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(USAGE.split("\n\n", 1)[0] + "\n")
         return 2
     default = ROOT / "dist" / ("enclave-host.pyz" if host else "enclave.pyz")
-    print(build(Path(argv[0]) if argv else default, host=host))
+    try:
+        print(build(Path(argv[0]) if argv else default, host=host))
+    except BuildError as exc:
+        sys.stderr.write(f"build_zipapp.py: {exc}\n")
+        return 2
     return 0
 
 

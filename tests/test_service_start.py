@@ -141,9 +141,6 @@ class BusyAddresses(TempState):
                 self.assertNotIn("Traceback", result.stderr)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class StopDuringASealedDelivery(TempState):
     """SIGTERM while a sealed delivery is inside its KMS call (up to 10 s): the runtime stops
@@ -186,3 +183,7 @@ class StopDuringASealedDelivery(TempState):
                 s.recv(4096)
         except OSError:
             pass  # the listener may close without an ack while stopping
+
+
+if __name__ == "__main__":
+    unittest.main()

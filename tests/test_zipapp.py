@@ -89,5 +89,25 @@ class Zipapp(unittest.TestCase):
         self.assertIn("ENCLAVE_RUNTIME_MODE", check.stderr)
 
 
+
+class OnlyCommittedFiles(unittest.TestCase):
+    """A file git does not track (an ignored key, a scratch module) never reaches the archive."""
+
+    def test_untracked_files_refuse_the_build(self):
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("build_zipapp_under_test", BUILD)
+        builder = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(builder)
+        tracked = builder.tracked_files()
+        self.assertIsNotNone(tracked, "the suite runs in a git checkout")
+        self.assertIn("enclave/service.py", tracked)
+        self.assertTrue(builder.source_files())  # the committed tree packs
+        without = [name for name in tracked if name != "enclave/devpki.py"]
+        builder.tracked_files = lambda: without  # as if devpki.py were not committed
+        with self.assertRaises(builder.BuildError) as ctx:
+            builder.source_files()
+        self.assertIn("enclave/devpki.py", str(ctx.exception))
+
+
 if __name__ == "__main__":
     unittest.main()
