@@ -12,13 +12,14 @@ The credentials are used for this one call: never stored, logged or answered.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Callable
 
 from . import envelope, kms
 from .envelope import EnvelopeError
 from .kms import KmsError
-from .secrets import KNOWN_KEYS, PlaintextRefused, SealedRefused, UnknownKey
+from .secrets import KNOWN_KEYS, Bundle, PlaintextRefused, SealedRefused, UnknownKey
 
 SEALED_SECRETS, AWS_CREDENTIALS, AWS_REGION = "SEALED_SECRETS", "AWS_CREDENTIALS", "AWS_REGION"
 DELIVERY_KEYS = (SEALED_SECRETS, AWS_CREDENTIALS, AWS_REGION)
@@ -40,8 +41,8 @@ class SealedSecretsOpener:
         self.timeout_s = timeout_s
         self._clock = clock
 
-    def open(self, delivery: dict, last_bundle_version: int | None) -> tuple[dict, int]:
-        """(payload, bundle_version), or a SecretsError whose `code` is the ack's (the
+    def open(self, delivery: dict, last_bundle_version: int | None) -> tuple[dict, Bundle]:
+        """(payload, Bundle), or a SecretsError whose `code` is the ack's (the
         envelope's and KMS's own codes travel as SealedRefused). Nothing here changes what is
         in force."""
         try:
@@ -49,7 +50,7 @@ class SealedSecretsOpener:
         except (EnvelopeError, KmsError) as exc:
             raise SealedRefused(exc.code, exc.message) from None
 
-    def _open(self, delivery: dict, last_bundle_version: int | None) -> tuple[dict, int]:
+    def _open(self, delivery: dict, last_bundle_version: int | None) -> tuple[dict, Bundle]:
         plaintext = [k for k in delivery if k in KNOWN_KEYS]
         if plaintext:
             raise PlaintextRefused(f"{', '.join(plaintext)}: plaintext secrets are refused; "
@@ -71,4 +72,10 @@ class SealedSecretsOpener:
                                        endpoint=self._endpoint, now=now,
                                        timeout=self.timeout_s)
         # (6) the payload, authenticated with the envelope's AAD
-        return envelope.open(sealed, data_key), sealed.bundle_version
+        return envelope.open(sealed, data_key), Bundle(sealed.bundle_version, _digest(sealed))
+
+
+def _digest(sealed: envelope.Envelope) -> bytes:
+    """What identifies an envelope's contents: its encrypted data key, nonce and ciphertext."""
+    parts = (sealed.encrypted_data_key, sealed.nonce, sealed.ciphertext)
+    return hashlib.sha256(b"".join(len(p).to_bytes(4, "big") + p for p in parts)).digest()

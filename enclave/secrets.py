@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -146,6 +146,14 @@ class PeerNotAllowed(SecretsError):
 
 class Busy(SecretsError):
     code = "busy"
+
+
+class Bundle(NamedTuple):
+    """A sealed bundle as applied: its bundle_version and a digest of the envelope's contents
+    (the same version may be re-delivered only with the same contents)."""
+
+    version: int
+    digest: bytes
 
 
 class PlaintextRefused(SecretsError):

@@ -24,7 +24,7 @@ from . import certstore, egress, sealing, secrets, tls
 from .metrics import Metrics
 from .secrets import (ECS_WATERMARK_ENDPOINT, ENCLAVE_RPC_SHARED_SECRET, ENCLAVE_TOKEN_SEALING_KEY,
                       GOOGLE_OAUTH_CLIENT_ID, GOOGLE_OAUTH_CLIENT_SECRET, MTLS_CLIENT_CERT_JSON,
-                      SEALING_KEY_BYTES, BundleRollback, Busy, EndpointNotRoutable,
+                      SEALING_KEY_BYTES, Bundle, BundleRollback, Busy, EndpointNotRoutable,
                       InvalidCertificate, RequiredSecret, SecretsError, SecretsState, Stopping,
                       StorageFailed)
 
@@ -100,7 +100,7 @@ class SecretStore:
         # ENCLAVE_SECRETS_SOURCE=kms: an enclave.sealed.SealedSecretsOpener; only sealed
         # envelopes are accepted, and the highest bundle_version applied since boot is kept.
         self._sealed = sealed
-        self._bundle_version: int | None = None
+        self._bundle: Bundle | None = None  # the newest sealed bundle applied since boot
         self._describe_metrics()
         try:
             # A crash during an earlier run's update left the old or the new set; settle it.
@@ -177,7 +177,7 @@ class SecretStore:
             "secrets": {"received": state.received, "version": state.version,
                         "updated_at": _iso_unix(state.updated_at),
                         "source": "kms" if self._sealed is not None else "channel",
-                        "bundle_version": self._bundle_version},
+                        "bundle_version": self.bundle_version},
             "mtls": {"configured": snapshot.configured, "not_after": _iso(snapshot.not_after)},
         }
 
@@ -206,7 +206,7 @@ class SecretStore:
     @property
     def bundle_version(self) -> int | None:
         """The highest sealed bundle_version applied since boot (kms), else None."""
-        return self._bundle_version
+        return None if self._bundle is None else self._bundle.version
 
     def missing(self, parts) -> list[str]:
         """Which of `parts` (sealing_key, google_credentials, mtls; others are not the store's)
@@ -215,9 +215,10 @@ class SecretStore:
         usable = {
             "sealing_key": self.sealing_keyring() is not None,
             "google_credentials": self.google_credentials() is not None,
+            # usable through notAfter itself, as validation judges it (RFC 5280: inclusive)
             "mtls": (snapshot.configured and snapshot.endpoint is not None
                      and (snapshot.not_after is None
-                          or snapshot.not_after.timestamp() > self._clock())),
+                          or snapshot.not_after.timestamp() >= self._clock())),
         }
         return [part for part in parts if part in usable and not usable[part]]
 
@@ -234,12 +235,10 @@ class SecretStore:
     def deliver(self, data: bytes, peer: str = "") -> dict:
         """Parse and apply one delivery; the ack to send back (never holds a secret)."""
         try:
-            unverified, bundle_version = secrets.parse_delivery(data), None
+            unverified, bundle = secrets.parse_delivery(data), None
             if self._sealed is not None:  # ciphertext only: open it (KMS; up to its deadline)
-                unverified, bundle_version = self._sealed.open(unverified, self._bundle_version)
-            if self.stopping:  # SIGTERM while KMS answered: nothing changes on the way out
-                raise Stopping("the runtime is stopping; the delivery was not applied")
-            state, changed = self.apply(unverified, bundle_version)
+                unverified, bundle = self._sealed.open(unverified, self.bundle_version)
+            state, changed = self.apply(unverified, bundle)
         except SecretsError as exc:
             return self.refuse(exc, peer)
         except Exception:  # a bug must not kill the listener, nor answer with internals
@@ -262,21 +261,27 @@ class SecretStore:
         return {"ok": False, "version": self._state.version,
                 "error": {"code": code, "message": exc.message}}
 
-    def apply(self, unverified: dict, bundle_version: int | None = None
+    def apply(self, unverified: dict, bundle: Bundle | None = None
               ) -> tuple[SecretsState, list[str]]:
         """Validate and apply an unverified delivery object; SecretsError changes nothing.
-        `bundle_version`: the sealed bundle it came from (kms), checked again for rollback
-        under the lock and recorded once applied."""
+        `bundle`: the sealed bundle it came from (kms), checked for rollback under the lock and
+        recorded once applied. Once stopping, nothing is applied."""
         if not self._lock.acquire(timeout=self._lock_timeout_s):
             raise Busy("another delivery is being applied; try again")
         try:
-            last = self._bundle_version
-            if bundle_version is not None and last is not None and bundle_version < last:
-                raise BundleRollback(f"bundle_version {bundle_version} is older than "
-                                     f"{last}, applied since boot")
+            if self.stopping:  # SIGTERM arrived (perhaps while KMS answered): nothing changes
+                raise Stopping("the runtime is stopping; the delivery was not applied")
+            last = self._bundle
+            if bundle is not None and last is not None:
+                if bundle.version < last.version:
+                    raise BundleRollback(f"bundle_version {bundle.version} is older than "
+                                         f"{last.version}, applied since boot")
+                if bundle.version == last.version and bundle.digest != last.digest:
+                    raise BundleRollback(f"bundle_version {bundle.version} was already applied "
+                                         "with other contents: seal with a higher version")
             result = self._apply_locked(unverified)
-            if bundle_version is not None:
-                self._bundle_version = max(bundle_version, last or 0)
+            if bundle is not None and (last is None or bundle.version > last.version):
+                self._bundle = bundle
             return result
         finally:
             self._lock.release()

@@ -565,8 +565,12 @@ class RefusalTest(SealedStackCase):
     def test_rollback_refused_and_an_equal_version_accepted(self):
         old = self.delivery(self.seal(self.payload, self.BASE_VERSION - 100))
         self.check_refusal(old, "bundle_rollback")
-        # an equal version (a re-delivery of the bundle in force) is accepted
-        self.assert_ok(self.delivery(self.seal(self.payload, self.BASE_VERSION)), changed=[])
+        # the same envelope again (a re-delivery of the bundle in force) is accepted...
+        self.assert_ok(self.delivery(self.good), changed=[])
+        # ...but another envelope under the same version is not: within a boot the parent
+        # cannot swap in a different bundle (an older secret) by reusing a version number
+        self.check_refusal(self.delivery(self.seal(self.payload, self.BASE_VERSION)),
+                           "bundle_rollback")
         self.assertEqual(self.healthz()["secrets"]["bundle_version"], self.BASE_VERSION)
 
     def test_kms_hanging_is_unavailable_within_the_deadline(self):

@@ -15,6 +15,7 @@ from enclave import service
 from enclave.addresses import parse_address
 from enclave.config import Settings
 from enclave.errors import EnclaveError, RpcSecretNotReady
+from enclave.secrets import Bundle
 from enclave.metrics import Metrics
 from enclave.rpcauth import LOCAL_DEFAULT_RPC_SECRET, AuthError, new_nonce, sign_request
 from tests.support import keep_off_console
@@ -153,7 +154,7 @@ class StopDuringASealedDelivery(TempState):
             def open(self, delivery, last_bundle_version):
                 entered.set()
                 release.wait(SUBPROCESS_TIMEOUT_S)
-                return {"GOOGLE_OAUTH_CLIENT_ID": "applied-too-late"}, 1
+                return {"GOOGLE_OAUTH_CLIENT_ID": "applied-too-late"}, Bundle(1, b"d")
 
         running = service.start(self.base)
         self.addCleanup(release.set)
