@@ -95,7 +95,7 @@ def _main(argv: list[str] | None) -> int:
                 if exc.name != module_name or _carried(module_name):
                     raise  # a real import problem, not a build without host tools
                 print(f"enclave: '{name}' is a host command and this build does not carry it "
-                      "(dist/enclave.pyz is the enclave image's: the runtime only); use "
+                      "(dist/enclave.pyz is the enclave image's: the runtime and check-config); use "
                       "dist/enclave-host.pyz or python3 enclave.py", file=sys.stderr)
                 return EXIT_USAGE
             command.description = modules[name].HELP
