@@ -15,6 +15,7 @@ a SHA-256 prefix (never the value); any hit adds one failed check ("secret leak 
 exit code is 1.
 """
 
+import concurrent.futures
 import io
 import logging
 import multiprocessing
@@ -105,8 +106,8 @@ def _run_module(name: str) -> tuple:
     try:
         suite = unittest.TestLoader().loadTestsFromName(name)
         outcome = run_tests(suite, stream, _worker_verbosity, log_path)
-    except Exception:  # an import error in the module: report it, never lose it
-        stream.write(f"ERROR: cannot load {name}\n{traceback.format_exc()}")
+    except BaseException:  # an import error, a SystemExit in a fixture: report it, never lose it
+        stream.write(f"ERROR: {name} did not run to the end\n{traceback.format_exc()}")
         outcome = Outcome(failed=1, ran=1)
     with open(log_path, encoding="utf-8", errors="replace") as fh:
         log_text = fh.read()
@@ -136,13 +137,27 @@ def module_names() -> list[str]:
 
 
 def run_parallel(jobs: int, verbosity: int, log_file: str) -> Outcome:
-    """Modules in `jobs` forked workers; their logs and registries are merged into this run's."""
+    """Modules in `jobs` forked workers; their logs and registries are merged into this run's.
+    A worker that dies (a crash, os._exit, the OOM killer) fails its module and every module
+    still pending: the run ends with them counted as failed, it never hangs."""
     total = Outcome()
     context = multiprocessing.get_context("fork")  # workers start from this clean process
-    with context.Pool(jobs, initializer=_init_worker, initargs=(verbosity,)) as pool, \
+    names = module_names()
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
+                                                initializer=_init_worker,
+                                                initargs=(verbosity,)) as pool, \
             open(log_file, "a", encoding="utf-8") as log:
-        for name, outcome, output, log_text, secrets, texts, seconds in pool.imap_unordered(
-                _run_module, module_names(), chunksize=1):
+        futures = {pool.submit(_run_module, name): name for name in names}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as exc:  # BrokenProcessPool: the worker is gone
+                name = futures[future]
+                sys.stderr.write(f"{name}: FAILED, its worker died ({type(exc).__name__})\n")
+                total = Outcome(*(a + b for a, b in zip(total[:4], (0, 1, 0, 1))),
+                                attached=total.attached)
+                continue
+            name, outcome, output, log_text, secrets, texts, seconds = result
             sys.stderr.write(f"{name}: {outcome.passed} passed, {outcome.failed} failed, "
                              f"{outcome.skipped} skipped ({seconds:.1f}s)\n")
             if outcome.failed or verbosity > 1:
