@@ -45,7 +45,8 @@ BACKOFF_INITIAL_S = 0.1  # first retry after a failed connect
 BACKOFF_MAX_S = 30.0  # retries never further apart than this
 DEFAULT_FLUSH_TIMEOUT_S = 1.0  # logging.shutdown() (flush, then close) waits about twice this
 STARTUP_REPORT_TIMEOUT_S = 5.0  # how long an exit 2 waits for its reason to reach the parent
-STOP_JOIN_TIMEOUT_S = 2.0  # close() waits this long for the sender thread to end
+STOP_JOIN_TIMEOUT_S = 2.0  # close() waits at most this long for the sender thread to end
+MIN_JOIN_S = 0.1  # ...and at least this long (a short close still lets it notice)
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,8 @@ class LogSink(logging.Handler):
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked writing to a stuck peer
             except OSError:
                 pass
-        if threading.current_thread() is not self._thread:
-            self._thread.join(STOP_JOIN_TIMEOUT_S)
+        if threading.current_thread() is not self._thread:  # a daemon: never waited on for long
+            self._thread.join(min(STOP_JOIN_TIMEOUT_S, max(timeout, MIN_JOIN_S)))
         super().close()
         return delivered
 

@@ -165,8 +165,9 @@ class SecretsListener:
             stopper = threading.Thread(target=self._server.shutdown, name="secrets-stop",
                                        daemon=True)
             stopper.start()
+            ends = None if timeout is None else time.monotonic() + timeout  # one budget for both
             stopper.join(timeout)
-            self._thread.join(timeout)
+            self._thread.join(None if ends is None else max(0.0, ends - time.monotonic()))
             if self._thread.is_alive():
                 log.warning("Secrets listener still busy with a delivery after %gs; not waiting",
                             timeout)

@@ -110,8 +110,10 @@ def preflight(settings: Settings, now: float | None = None) -> list[str]:
     return problems
 
 
+STOP_BUDGET_S = 5.5  # SIGTERM to exit: the design allows 6 s; the rest is the process's own exit
 LISTENER_STOP_S = 0.3  # a delivery in a KMS call is abandoned after this on SIGTERM
 THREAD_JOIN_S = 0.2  # all the runtime's threads together, after the drain
+LOG_SINK_STOP_S = 0.3  # the last lines' flush to ENCLAVE_LOG_SINK, out of the same budget
 
 
 @dataclass
@@ -123,18 +125,20 @@ class Running:
     listener: object
     threads: list
 
-    def stop(self) -> bool:
-        """Stop within the 6 s the design allows: no delivery applies from now on, the secrets
-        listener gets LISTENER_STOP_S (a sealed delivery may be inside a KMS call), then HTTP
-        drains in-flight requests (bounded)."""
+    def stop(self, deadline: float | None = None) -> bool:
+        """Stop by `deadline` (time.monotonic(); default STOP_BUDGET_S from now): no delivery
+        applies from now on, the secrets listener gets LISTENER_STOP_S (a sealed delivery may
+        be inside a KMS call), HTTP drains in-flight requests with what is left, then threads."""
+        if deadline is None:
+            deadline = time.monotonic() + STOP_BUDGET_S
         self.runtime.store.stopping = True
         self.listener.shutdown(timeout=LISTENER_STOP_S)
-        clean = self.http.drain()
+        drain_s = deadline - THREAD_JOIN_S - LOG_SINK_STOP_S - time.monotonic()
+        clean = self.http.drain(timeout=max(0.0, drain_s))
         if clean:  # requests still running after the drain keep their devices and pools
             self.runtime.close()
-        deadline = time.monotonic() + THREAD_JOIN_S
         for thread in self.threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            thread.join(timeout=max(0.0, deadline - LOG_SINK_STOP_S - time.monotonic()))
         return clean
 
 
@@ -267,8 +271,7 @@ def run(args) -> int:
         return code
     finally:
         if sink is not None:  # an exit 2 waits longer: its reason must reach the parent
-            sink.close(logsink.STARTUP_REPORT_TIMEOUT_S if code == 2
-                       else logsink.DEFAULT_FLUSH_TIMEOUT_S)
+            sink.close(logsink.STARTUP_REPORT_TIMEOUT_S if code == 2 else LOG_SINK_STOP_S)
 
 
 LOG_SINK_METRICS = (  # (name, kind, help, the LogSink.stats() field)
@@ -307,7 +310,8 @@ def _serve(settings: Settings, sink=None) -> int:
         return 2
     while not stop.wait(1.0):  # a bounded wait: signal handlers run between the waits
         pass
+    deadline = time.monotonic() + STOP_BUDGET_S  # from the signal: one budget for every step
     log.info("stopping: draining in-flight requests")
-    clean = running.stop()
+    clean = running.stop(deadline)
     log.info("stopped%s", "" if clean else " (some requests were cut off after the drain limit)")
     return 0
