@@ -4,7 +4,10 @@
 #
 # Usage: expose-enclave.sh [--cid CID] [--port 8181] [--listen-port 8181] [--bind 127.0.0.1]
 #                          [--secrets-port 7777] [--pid-file FILE] [--replace] [--dry-run]
-#                          SECRETS_FILE
+#                          [--kms] SECRETS_FILE
+#
+# With --kms, SECRETS_FILE is a sealed envelope (seal-secrets) and the delivery is
+# send-secrets.sh --kms: the image's ENCLAVE_SECRETS_SOURCE=kms refuses plaintext.
 #
 #   1. the CID: --cid, or the one RUNNING enclave in `nitro-cli describe-enclaves`
 #   2. socat TCP-LISTEN:<listen-port>,fork,reuseaddr,bind=<bind> VSOCK-CONNECT:<cid>:<port>,
@@ -32,7 +35,7 @@ readonly PID_DIR=/tmp
 
 usage_line() {
   echo "usage: $PROG [--cid CID] [--port PORT] [--listen-port PORT] [--bind ADDR]" \
-       "[--secrets-port PORT] [--pid-file FILE] [--replace] [--dry-run] SECRETS_FILE"
+       "[--secrets-port PORT] [--pid-file FILE] [--replace] [--dry-run] [--kms] SECRETS_FILE"
 }
 usage() { usage_line >&2; exit 2; }
 help() {
@@ -47,6 +50,9 @@ deliver SECRETS_FILE, then wait for /healthz?ready=1.
   --secrets-port PORT  the enclave's secrets vsock port (default 7777)
   --pid-file FILE      where the forwarder's pid goes
                        (default /tmp/enclave-forwarder-<listen-port>.pid)
+  --kms                SECRETS_FILE is a sealed envelope: deliver it with send-secrets.sh --kms
+                       (the instance role's credentials from IMDSv2; the production image
+                       takes sealed secrets only)
   --replace            restart a forwarder that is already running
   --dry-run            print the commands in order and run nothing
   -h, --help           show this help and exit
@@ -55,7 +61,7 @@ EOF
 }
 
 cid="" port="8181" listen_port="" bind="127.0.0.1" secrets_port="7777" pid_file=""
-replace=0 dry_run=0 file=""
+replace=0 dry_run=0 file="" kms=()
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --cid) [ "$#" -ge 2 ] || usage; cid="$2"; shift 2 ;;
@@ -65,6 +71,7 @@ while [ "$#" -gt 0 ]; do
     --secrets-port) [ "$#" -ge 2 ] || usage; secrets_port="$2"; shift 2 ;;
     --pid-file) [ "$#" -ge 2 ] || usage; pid_file="$2"; shift 2 ;;
     --replace) replace=1; shift ;;
+    --kms) kms=(--kms); shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) help ;;
     -*) echo "$PROG: unknown option $1" >&2; usage ;;
@@ -122,7 +129,8 @@ print(running[0])'
 }
 
 forwarder=(socat "TCP-LISTEN:${listen_port},fork,reuseaddr,bind=${bind}" "VSOCK-CONNECT:${cid:-\$CID}:${port}")
-sender=("$SCRIPT_DIR/send-secrets.sh" --cid "${cid:-\$CID}" --port "$secrets_port" "$file")
+sender=("$SCRIPT_DIR/send-secrets.sh" --cid "${cid:-\$CID}" --port "$secrets_port"
+  ${kms[@]+"${kms[@]}"} "$file")
 
 if [ "$dry_run" -eq 1 ]; then
   [ -n "$cid" ] || echo "+ CID=\$(nitro-cli describe-enclaves | <the EnclaveCID of the one RUNNING enclave>)"
@@ -141,7 +149,8 @@ if [ -z "$cid" ]; then
   echo "$PROG: enclave CID $cid (from nitro-cli describe-enclaves)" >&2
 fi
 forwarder=(socat "TCP-LISTEN:${listen_port},fork,reuseaddr,bind=${bind}" "VSOCK-CONNECT:${cid}:${port}")
-sender=("$SCRIPT_DIR/send-secrets.sh" --cid "$cid" --port "$secrets_port" "$file")
+sender=("$SCRIPT_DIR/send-secrets.sh" --cid "$cid" --port "$secrets_port" ${kms[@]+"${kms[@]}"}
+  "$file")
 
 # 1. the forwarder, first. The pid file is in a shared directory: never follow a link planted
 # there, never trust (or kill) a pid from a file someone else wrote.

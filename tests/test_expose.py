@@ -40,6 +40,13 @@ class ExposeDryRunTest(unittest.TestCase):
         self.assertIn("--port 7777", lines[send[0]])
         self.assertTrue(lines[send[0]].endswith(" secrets.json"), lines[send[0]])
 
+    def test_kms_delivers_the_sealed_envelope(self):
+        proc = run("--dry-run", "--cid", "16", "--kms", "sealed.json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        send = [line for line in proc.stdout.splitlines() if "send-secrets.sh" in line]
+        self.assertEqual(len(send), 1, proc.stdout)
+        self.assertTrue(send[0].endswith("--cid 16 --port 7777 --kms sealed.json"), send[0])
+
     def test_ports_and_bind(self):
         proc = run("--dry-run", "--cid", "21", "--port", "9000", "--listen-port", "18181",
                    "--secrets-port", "9001", "--bind", "0.0.0.0", "s.json")
