@@ -27,6 +27,7 @@ from enclave.outbound import OutboundClient, Response, UpstreamTimeout
 from tests.fakes import fake_kms
 from tests.fakes.fake_kms import DocumentMinter, FakeKms
 from tests.fakes.pki import TestCA
+from tests.kms_fixture import FakeKmsCase
 from tests.support import remember_key_files, remember_private_key, remember_secret, scan_later
 
 ROOT_DIR = pathlib.Path(__file__).resolve().parent.parent
@@ -44,34 +45,10 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-class KmsFixture(unittest.TestCase):
+class KmsFixture(FakeKmsCase):
     """One fake KMS, test CA, dev root and transport for the class."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls._tmp = tempfile.TemporaryDirectory(prefix="test-kms-")
-        cls.dir = pathlib.Path(cls._tmp.name)
-        cls.ca = TestCA("KMS Test CA")
-        cls.ca_file = cls.ca.write(cls.dir)
-        cls.root = devpki.load_or_create_root(cls.dir / "state")
-        remember_key_files(cls.dir / "state")
-        cls.minter = DocumentMinter(cls.root, ALLOWED_PCR0)
-        cls.fake = FakeKms(cls.ca, attestation_roots=[cls.root.cert_der],
-                           allowed_pcr0=[ALLOWED_PCR0]).start()
-        cls.transport = OutboundClient(context=kms.create_kms_context(cls.ca_file))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.transport.close()
-        cls.fake.stop()
-        cls._tmp.cleanup()
-
-    def setUp(self):
-        self.fake.set_mode("normal")
-
-    def credentials(self, **override) -> kms.AwsCredentials:
-        return kms.AwsCredentials.from_delivery(dict(self.fake.credentials(), **override),
-                                                now=time.time())
+    PCR0 = ALLOWED_PCR0
 
     def seal(self, version: int = 7, payload=None) -> envelope.Envelope:
         context = {"purpose": envelope.PURPOSE, "bundle_version": str(version)}

@@ -16,19 +16,16 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave import devpki, envelope, kms
+from enclave import envelope, kms
 from enclave.host import seal_secrets
-from enclave.outbound import OutboundClient
 from tests.fakes import fake_kms
-from tests.fakes.fake_kms import DocumentMinter, FakeKms
-from tests.fakes.pki import TestCA
-from tests.support import remember_key_files, remember_secret, scan_later
+from tests.kms_fixture import FakeKmsCase
+from tests.support import remember_secret, scan_later
 
 ROOT_DIR = pathlib.Path(__file__).resolve().parent.parent
 ENCLAVE_DOC = ROOT_DIR / "docs" / "ENCLAVE.md"
@@ -47,33 +44,11 @@ def dead_https_url() -> str:
         return f"https://127.0.0.1:{sock.getsockname()[1]}/"
 
 
-class SealFixture(unittest.TestCase):
+class SealFixture(FakeKmsCase):
     """One fake KMS (with a key policy on PCR0), its test CA and a dev attestation root."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls._tmp = tempfile.TemporaryDirectory(prefix="test-seal-")
-        cls.dir = pathlib.Path(cls._tmp.name)
-        cls.ca = TestCA("Seal Test CA")
-        cls.ca_file = cls.ca.write(cls.dir)
-        cls.root = devpki.load_or_create_root(cls.dir / "state")
-        remember_key_files(cls.dir / "state")
-        cls.minter = DocumentMinter(cls.root, PCR0)
-        cls.fake = FakeKms(cls.ca, attestation_roots=[cls.root.cert_der],
-                           allowed_pcr0=[PCR0]).start()
-        cls.transport = OutboundClient(context=kms.create_kms_context(cls.ca_file))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.transport.close()
-        cls.fake.stop()
-        cls._tmp.cleanup()
-
-    def setUp(self):
-        self.fake.set_mode("normal")
-
-    def credentials(self) -> kms.AwsCredentials:
-        return kms.AwsCredentials.from_delivery(self.fake.credentials(), now=time.time())
+    PCR0 = PCR0
+    NAME = "seal"
 
     def aws_environ(self, **extra) -> dict:
         creds = self.fake.credentials()

@@ -28,14 +28,12 @@ import http.server
 import json
 import logging
 import secrets
-import socket
-import ssl
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
+from tests.fakes.served import ServedInThread, TlsThreadingServer
 from tests.support import remember_secret
 
 log = logging.getLogger(__name__)
@@ -211,36 +209,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(status, value)
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address, fake: "FakeGoogle", context: ssl.SSLContext, handler):
-        self.fake = fake
-        self.tls_context = context
-        super().__init__(address, handler)
-
-    def finish_request(self, request, client_address):
-        # The handshake runs in the connection's own thread, never in the accept loop.
-        request.settimeout(self.RequestHandlerClass.timeout)
-        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            tls = self.tls_context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.debug("fake-google TLS handshake failed: %s", exc)
-            return
+class _Server(TlsThreadingServer):
+    def on_tls_connection(self) -> None:
         with self.fake._lock:
             self.fake.state.tls_connections += 1
-        try:
-            self.RequestHandlerClass(tls, client_address, self)
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            tls.close()
 
 
-class FakeGoogle:
+class FakeGoogle(ServedInThread):
     """Google's token and revoke endpoints on https://127.0.0.1:PORT (port 0 by default)."""
+
+    THREAD_NAME = "fake-google"
 
     def __init__(self, ca=None, *, client_id: str = DEFAULT_CLIENT_ID,
                  client_secret: str = DEFAULT_CLIENT_SECRET, host: str = "127.0.0.1",
@@ -251,24 +229,11 @@ class FakeGoogle:
         self.hang_s = hang_s
         self._lock = threading.Lock()
         self._release = threading.Event()
-        self._tmp = None
-        if cert_file is None:
-            if ca is None:
-                raise ValueError("FakeGoogle needs a TestCA or a cert_file/key_file pair")
-            self._tmp = tempfile.TemporaryDirectory(prefix="fake-google-")
-            cert_file, key_file = ca.issue("fake-google", server=True).write(self._tmp.name, "google")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert_file, key_file)
         handler = type("_FakeGoogleHandler", (_Handler,), {"timeout": idle_timeout_s})
-        self._server = _Server((host, port), self, context, handler)
-        self._thread: threading.Thread | None = None
+        self._listen(host, port, handler, ca=ca, cert_file=cert_file, key_file=key_file,
+                     server_class=_Server)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
     @property
     def base_url(self) -> str:
         return f"https://{self._server.server_address[0]}:{self.port}"
@@ -280,27 +245,6 @@ class FakeGoogle:
     @property
     def revoke_url(self) -> str:
         return self.base_url + "/revoke"
-
-    def start(self) -> "FakeGoogle":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-google",
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # -- test controls -----------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -448,17 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     fake = FakeGoogle(client_id=args.client_id, client_secret=args.client_secret,
                       host=args.host, port=args.port, cert_file=args.cert, key_file=args.key)
-    fake.start()
-    print(f"fake-google listening on {fake.base_url} (token: {fake.token_url}, "
-          f"revoke: {fake.revoke_url})", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        fake.stop()
-    return 0
-
+    return fake.run_as_process(f"fake-google listening on {fake.base_url} (token: "
+                               f"{fake.token_url}, revoke: {fake.revoke_url})")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,11 +46,7 @@ import logging
 import os
 import re
 import secrets
-import signal
-import socket
-import ssl
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -66,6 +62,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from enclave import devpki, sigv4
 from enclave.nitro import Verifier, VerificationError, cose
+from tests.fakes.served import ServedInThread, TlsThreadingServer
 from tests.support import remember_secret
 
 log = logging.getLogger(__name__)
@@ -273,34 +270,10 @@ class _Hang(Exception):
     pass
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address, fake: "FakeKms", context: ssl.SSLContext):
-        self.fake = fake
-        self.tls_context = context
-        super().__init__(address, _Handler)
-
-    def finish_request(self, request, client_address):
-        # The handshake runs in the connection's own thread, never in the accept loop.
-        request.settimeout(IDLE_TIMEOUT_S)
-        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            tls = self.tls_context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.debug("fake-kms TLS handshake failed: %s", exc)
-            return
-        try:
-            self.RequestHandlerClass(tls, client_address, self)
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            tls.close()
-
-
-class FakeKms:
+class FakeKms(ServedInThread):
     """KMS on https://127.0.0.1:PORT/ (port 0 by default) with one symmetric key."""
+
+    THREAD_NAME = "fake-kms"
 
     def __init__(self, ca=None, *, attestation_roots=(), allowed_pcr0=(),
                  allow_any_pcr0: bool = False, allow_debug: bool = False,
@@ -321,47 +294,12 @@ class FakeKms:
         remember_secret(TEST_SECRET_ACCESS_KEY, kind="fake KMS secret access key")
         self._keys: dict[str, _Key] = {}
         self.key_arn = self.add_key(key_id, key_material)
-        self._tmp = None
-        if cert_file is None:
-            if ca is None:
-                raise ValueError("FakeKms needs a TestCA or a cert_file/key_file pair")
-            self._tmp = tempfile.TemporaryDirectory(prefix="fake-kms-")
-            cert_file, key_file = ca.issue("fake-kms", server=True).write(self._tmp.name, "kms")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert_file, key_file)
-        self._server = _Server((host, port), self, context)
-        self._thread: threading.Thread | None = None
+        self._listen(host, port, _Handler, ca=ca, cert_file=cert_file, key_file=key_file)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
     def url(self) -> str:
         return f"https://{self._server.server_address[0]}:{self.port}/"
-
-    def start(self) -> "FakeKms":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-kms",
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # -- test controls -----------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -707,22 +645,11 @@ def main(argv: list[str] | None = None) -> int:
                    region=args.region, account=args.account, host=args.host, port=args.port,
                    cert_file=cert, key_file=key, key_id=key_id, key_material=material)
     fake.set_mode(args.mode)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    fake.start()
-    print(json.dumps({"url": fake.url, "port": fake.port, "key_arn": fake.key_arn,
-                      "region": fake.region, "access_key_id": TEST_ACCESS_KEY_ID,
-                      "ca_file": ca_file}), flush=True)
     if args.allow_any_pcr0:
         log.warning("INSECURE fake KMS: any PCR0 may decrypt")
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        fake.stop()
-    return 0
-
+    return fake.run_as_process(json.dumps({
+        "url": fake.url, "port": fake.port, "key_arn": fake.key_arn, "region": fake.region,
+        "access_key_id": TEST_ACCESS_KEY_ID, "ca_file": ca_file}))
 
 if __name__ == "__main__":
     sys.exit(main())
